@@ -1,0 +1,38 @@
+//! `broca bench`: speed and memory.
+
+use crate::bench;
+use crate::model::Model;
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let model = Model::load(&a.model)?;
+    let name = a.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let r = bench::run(&model, &name, a.seq_len, a.reps)?;
+    if a.json {
+        return super::print_json(&r);
+    }
+    println!("model {} ({} params), seq {}, {} threads", r.model, r.params, r.seq_len, r.threads);
+    println!("matmul 2048^3 f32     {:>9.1} GFLOP/s", r.matmul_gflops);
+    println!("forward               {:>9.1} tok/s  ({:.0}% of ceiling {:.0})", r.forward_tok_s, 100.0 * r.forward_fraction_of_ceiling, r.forward_ceiling_tok_s);
+    println!("forward+backward      {:>9.1} tok/s  ({:.0}% of ceiling {:.0})", r.fwd_bwd_tok_s, 100.0 * r.fwd_bwd_fraction_of_ceiling, r.forward_ceiling_tok_s / 3.0);
+    println!("peak RSS              {:>9.1} MB", r.peak_rss_mb);
+    Ok(())
+}

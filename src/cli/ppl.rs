@@ -1,0 +1,95 @@
+//! `broca ppl`: perplexity per language.
+
+use super::progress::bar;
+use crate::data;
+use crate::eval::{self, PplResult};
+use crate::model::Model;
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Text files (language = file stem).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub text: Vec<String>,
+    /// NAME=FILE pairs.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub lang: Vec<String>,
+    /// A folder of *.txt (language = stem) or NAME=FILE pairs. Default: the UDHR folder.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub data: Vec<String>,
+    /// Keep only the first N tokens of each text (BOS counted).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Window advance in tokens (default: seq-len; capped at seq-len - 1 so no token is skipped).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct PplOutput {
+    model: String,
+    seq_len: usize,
+    results: Vec<PplResult>,
+}
+
+/// Tokenizes each input, applying `max_tokens`.
+pub fn load_texts(model: &Model, inputs: &[data::TextInput], max_tokens: Option<usize>) -> Result<Vec<(String, Vec<u32>)>> {
+    let tok = model.tokenizer()?;
+    inputs
+        .iter()
+        .map(|t| {
+            let text = data::read_text(&t.path)?;
+            let mut ids = tok.encode(&text)?;
+            if let Some(n) = max_tokens {
+                ids.truncate(n);
+            }
+            if ids.len() < 2 {
+                bail!("{}: fewer than 2 tokens to evaluate", t.path.display());
+            }
+            Ok((t.lang.clone(), ids))
+        })
+        .collect()
+}
+
+pub fn run(a: PplArgs) -> Result<()> {
+    let inputs = data::gather(&a.text, &a.lang, &a.data, Some(&data::default_eval_dir()))?;
+    for t in &inputs {
+        data::read_text(&t.path)?;
+    }
+    let model = Model::load(&a.model)?;
+    let texts = load_texts(&model, &inputs, a.max_tokens)?;
+    let stride = a.stride.unwrap_or(a.seq_len);
+    let total: usize = texts.iter().map(|(_, ids)| ids.len() - 1).sum();
+    let pb = bar(total as u64, "ppl", "tok");
+    let mut results = Vec::new();
+    for (lang, ids) in &texts {
+        pb.set_message(format!("ppl {lang}"));
+        results.push(eval::perplexity(&model, lang, ids, a.seq_len, stride, |n| pb.inc(n as u64))?);
+    }
+    pb.finish_and_clear();
+    let out = PplOutput { model: a.model.display().to_string(), seq_len: a.seq_len, results };
+    if a.json {
+        return super::print_json(&out);
+    }
+    println!("model: {}  seq_len: {}  (token-weighted mean NLL)", out.model, out.seq_len);
+    println!("{:<10} {:>8} {:>9} {:>11} {:>8}", "lang", "tokens", "nll", "ppl", "bpb");
+    for r in &out.results {
+        println!("{:<10} {:>8} {:>9.4} {:>11.3} {:>8.4}", r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte);
+    }
+    let ppls: Vec<f64> = out.results.iter().map(|r| r.ppl).collect();
+    let bpbs: Vec<f64> = out.results.iter().map(|r| r.bits_per_byte).collect();
+    println!("{:<10} {:>8} {:>9} {:>11.3} {:>8.4}", "geomean", "", "", eval::geomean(&ppls), eval::geomean(&bpbs));
+    Ok(())
+}

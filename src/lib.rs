@@ -1,0 +1,16 @@
+//! Broca: find, test and use the linguistic regions of large language models.
+//!
+//! Modules, one per concept: [`model`] (checkpoints, forward with autograd), [`tokenizer`],
+//! [`data`] (text inputs and windows), [`eval`] (perplexity, bits per byte), [`bench`],
+//! [`io`] (atomic output files) and [`cli`].
+
+pub mod bench;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod tokenizer;
+
+pub use model::{Config, Model};

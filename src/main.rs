@@ -1,0 +1,14 @@
+use clap::Parser;
+
+fn main() {
+    // candle's CPU thread pool spins at barriers; with few cores that costs more than it saves.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    let cli = broca::cli::Cli::parse();
+    if let Err(e) = broca::cli::run(cli) {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}

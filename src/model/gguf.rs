@@ -1,0 +1,210 @@
+//! GGUF checkpoints: metadata → [`Config`], tensors dequantized to f32 and renamed to their
+//! Hugging Face names, with llama's permuted Q/K rows restored to HF layout.
+
+use super::config::{Arch, Config};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A parsed GGUF file: header, metadata and the path to read tensors from.
+pub struct GgufFile {
+    pub content: Content,
+    pub path: std::path::PathBuf,
+}
+
+impl GgufFile {
+    /// Reads and validates the header; every tensor must lie inside the file.
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let len = f.metadata()?.len();
+        let content = Content::read(&mut f)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        for (name, info) in &content.tensor_infos {
+            let numel = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            if numel % bs != 0 {
+                bail!("{}: tensor {name} has {numel} elements, not a multiple of its block size {bs}", path.display());
+            }
+            let bytes = numel / bs * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > len {
+                bail!(
+                    "{}: truncated file: tensor {name} ends at byte {end} but the file has {len} bytes",
+                    path.display()
+                );
+            }
+        }
+        Ok(GgufFile { content, path: path.to_path_buf() })
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key).with_context(|| {
+            format!("{}: missing GGUF metadata key {key}", self.path.display())
+        })?;
+        Ok(v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .or_else(|_| v.to_i32().map(|x| x as u64))
+            .map_err(|e| anyhow::anyhow!("{}: metadata {key}: {e}", self.path.display()))?
+            as usize)
+    }
+
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        let v = self.meta(key)?;
+        v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
+    }
+
+    /// The model configuration from the GGUF metadata.
+    pub fn config(&self) -> Result<Config> {
+        let p = self.path.display();
+        let arch_name = self
+            .meta("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .with_context(|| format!("{p}: missing general.architecture"))?
+            .clone();
+        let arch = Arch::parse(&arch_name).with_context(|| {
+            format!("{p}: unknown architecture '{arch_name}' (supported: llama, qwen2)")
+        })?;
+        let a = &arch_name;
+        let hidden = self.meta_usize(&format!("{a}.embedding_length"))?;
+        let heads = self.meta_usize(&format!("{a}.attention.head_count"))?;
+        let kv = self.meta_usize(&format!("{a}.attention.head_count_kv")).unwrap_or(heads);
+        let head_dim = self.meta_usize(&format!("{a}.attention.key_length")).unwrap_or(hidden / heads);
+        let vocab = match self.meta("tokenizer.ggml.tokens") {
+            Some(Value::Array(t)) => t.len(),
+            _ => self.meta_usize(&format!("{a}.vocab_size"))?,
+        };
+        let tie = !self.content.tensor_infos.contains_key("output.weight");
+        let tok_id = |k: &str| self.meta_usize(k).ok().map(|x| x as u32);
+        let c = Config {
+            arch,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.meta_usize(&format!("{a}.feed_forward_length"))?,
+            num_layers: self.meta_usize(&format!("{a}.block_count"))?,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            rope_theta: self.meta_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0),
+            rms_eps: self
+                .meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            max_position: self.meta_usize(&format!("{a}.context_length")).unwrap_or(2048),
+            tie_embeddings: tie,
+            bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
+            eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
+        };
+        c.validate().with_context(|| format!("{p}"))?;
+        Ok(c)
+    }
+
+    /// Reads one tensor by GGUF name, dequantized to f32.
+    pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        let mut f = std::fs::File::open(&self.path)?;
+        let q = self
+            .content
+            .tensor(&mut f, name, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))?;
+        let t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// Every model tensor under its Hugging Face name, f32, HF layout.
+    pub fn load_weights(&self, cfg: &Config) -> Result<HashMap<String, Tensor>> {
+        let shapes = cfg.param_shapes();
+        let jobs: Vec<(String, String)> = shapes
+            .iter()
+            .map(|(hf, _)| (hf.clone(), hf_to_gguf_name(hf)))
+            .collect();
+        use rayon::prelude::*;
+        let loaded: Vec<Result<(String, Tensor)>> = jobs
+            .par_iter()
+            .map(|(hf, gg)| {
+                if !self.content.tensor_infos.contains_key(gg) {
+                    bail!("{}: missing tensor {gg} ({hf})", self.path.display());
+                }
+                let mut t = self.tensor_f32(gg)?;
+                if cfg.arch == Arch::Llama {
+                    if hf.ends_with("q_proj.weight") {
+                        t = unpermute_rows(&t, cfg.num_heads)?;
+                    } else if hf.ends_with("k_proj.weight") {
+                        t = unpermute_rows(&t, cfg.num_kv_heads)?;
+                    }
+                }
+                Ok((hf.clone(), t))
+            })
+            .collect();
+        let mut out = HashMap::new();
+        for r in loaded {
+            let (name, t) = r?;
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+}
+
+/// The GGUF name of a Hugging Face parameter name.
+pub fn hf_to_gguf_name(hf: &str) -> String {
+    if hf == "model.embed_tokens.weight" {
+        return "token_embd.weight".into();
+    }
+    if hf == "model.norm.weight" {
+        return "output_norm.weight".into();
+    }
+    if hf == "lm_head.weight" {
+        return "output.weight".into();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
+    let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    let map = [
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.v_proj.weight", "attn_v.weight"),
+        ("self_attn.q_proj.bias", "attn_q.bias"),
+        ("self_attn.k_proj.bias", "attn_k.bias"),
+        ("self_attn.v_proj.bias", "attn_v.bias"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"),
+        ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight"),
+    ];
+    for (h, g) in map {
+        if tail == h {
+            return format!("blk.{layer}.{g}");
+        }
+    }
+    hf.to_string()
+}
+
+/// Undoes llama.cpp's conversion permutation of Q/K rows. Within each head, the GGUF rows
+/// are interleaved pairs (`[0, hd/2, 1, hd/2+1, …]` of HF order); HF order is recovered as
+/// `reshape(heads, hd/2, 2, in).transpose(1, 2)`.
+pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let hd = rows / heads;
+    Ok(t.reshape((heads, hd / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// The converter's permutation (HF → GGUF), the inverse of [`unpermute_rows`].
+pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let hd = rows / heads;
+    Ok(t.reshape((heads, 2, hd / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
