@@ -42,3 +42,20 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }
+
+/// Reads a safetensors file: every tensor (as stored) and the string metadata.
+pub fn read_safetensors(path: &Path) -> Result<(std::collections::HashMap<String, candle_core::Tensor>, std::collections::HashMap<String, String>)> {
+    let bytes = std::fs::read(path).with_context(|| {
+        if path.exists() {
+            format!("{}: cannot read", path.display())
+        } else {
+            format!("{}: no such file", path.display())
+        }
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    Ok((tensors, metadata))
+}

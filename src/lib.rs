@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod mask;
 pub mod model;
 pub mod tokenizer;
 

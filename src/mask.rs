@@ -1,0 +1,110 @@
+//! Region masks: one U8 0/1 tensor per covered parameter, in the parameter's exact shape,
+//! keyed by its HF name, stored as safetensors with a JSON summary beside it
+//! (`FILE.safetensors` + `FILE.json`). A mask matches a model when its names and shapes do.
+
+use crate::io::{read_safetensors, write_json};
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A region: HF parameter name → U8 tensor of 0/1 in that parameter's shape.
+pub type Mask = BTreeMap<String, Tensor>;
+
+/// Which parameters a region may cover. `Layers` (the paper's default) is every tensor under
+/// `model.layers.*`; `All` adds embeddings, the final norm and lm_head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coverage {
+    Layers,
+    All,
+}
+
+/// Whether parameter `name` is covered.
+pub fn is_covered(name: &str, cov: Coverage) -> bool {
+    match cov {
+        Coverage::All => true,
+        Coverage::Layers => name.starts_with("model.layers."),
+    }
+}
+
+/// The JSON summary path beside a mask file (`X.safetensors` → `X.json`).
+pub fn summary_path(mask: &Path) -> PathBuf {
+    mask.with_extension("json")
+}
+
+/// Writes a mask (atomically) and its summary JSON beside it. The summary gets per-tensor
+/// counts, numel and fractions, totals, plus the caller's `how` object (how it was made).
+pub fn save(path: &Path, mask: &Mask, how: serde_json::Value) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = mask.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    for (n, t) in &tensors {
+        if t.dtype() != DType::U8 {
+            bail!("mask tensor {n} must be U8, is {:?}", t.dtype());
+        }
+    }
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("kind".to_string(), "broca-mask".to_string());
+    meta.insert("version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    crate::model::hf::save_safetensors(path, &tensors, Some(meta))?;
+    write_json(&summary_path(path), &summary(mask, how)?)
+}
+
+/// Per-tensor and total counts of a mask.
+pub fn summary(mask: &Mask, how: serde_json::Value) -> Result<serde_json::Value> {
+    let mut per = Vec::new();
+    let (mut total, mut numel) = (0u64, 0u64);
+    for (n, t) in mask {
+        let c = count(t)?;
+        let e = t.elem_count() as u64;
+        total += c;
+        numel += e;
+        per.push(serde_json::json!({"name": n, "count": c, "numel": e, "fraction": c as f64 / e.max(1) as f64}));
+    }
+    Ok(serde_json::json!({
+        "tensors": per,
+        "total": {"count": total, "numel": numel, "fraction": total as f64 / numel.max(1) as f64},
+        "how": how,
+    }))
+}
+
+/// Number of selected (non-zero) entries.
+pub fn count(t: &Tensor) -> Result<u64> {
+    Ok(t.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as u64)
+}
+
+/// Reads a mask file (any model).
+pub fn load(path: &Path) -> Result<Mask> {
+    let (tensors, _) = read_safetensors(path)?;
+    let mut out = Mask::new();
+    for (n, t) in tensors {
+        if t.dtype() != DType::U8 {
+            bail!("{}: tensor {n} is {:?}, a mask must be U8", path.display(), t.dtype());
+        }
+        out.insert(n, t);
+    }
+    if out.is_empty() {
+        bail!("{}: mask has no tensors", path.display());
+    }
+    Ok(out)
+}
+
+/// Reads a mask and checks that every tensor names a parameter of `model` with its shape.
+pub fn load_for(path: &Path, model: &Model) -> Result<Mask> {
+    let mask = load(path)?;
+    check_matches(&mask, model).with_context(|| format!("{}", path.display()))?;
+    Ok(mask)
+}
+
+/// Errors unless every mask tensor names a parameter of `model` with the same shape.
+pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
+    for (n, t) in mask {
+        let Some(v) = model.param(n) else {
+            bail!("mask tensor {n} is not a parameter of this model (a mask made for another model?)");
+        };
+        if v.dims() != t.dims() {
+            bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.dims(), v.dims());
+        }
+    }
+    Ok(())
+}
