@@ -209,6 +209,19 @@ impl Model {
 
     /// One decoder layer on the residual stream `x` `[b, t, hidden]`.
     pub fn layer(&self, l: usize, x: &Tensor, ctx: &AttnContext, grad: bool) -> Result<Tensor> {
+        self.layer_probed(l, x, ctx, grad, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::layer`], calling `probe(name, activation)` on intermediate activations:
+    /// `"mlp.down_proj.input"` `[b*t, intermediate]` and `"mlp.down_proj.output"` `[b*t, hidden]`.
+    pub fn layer_probed(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        grad: bool,
+        probe: &mut dyn FnMut(&'static str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let li = &self.layers[l];
         let (b, t, h) = x.dims3()?;
@@ -240,7 +253,10 @@ impl Model {
         let hn = ops::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
         let g = lin(&hn, li.gate, None)?;
         let u = lin(&hn, li.up, None)?;
-        let m = lin(&ops::swiglu(&g, &u)?, li.down, None)?;
+        let act = ops::swiglu(&g, &u)?;
+        probe("mlp.down_proj.input", &act)?;
+        let m = lin(&act, li.down, None)?;
+        probe("mlp.down_proj.output", &m)?;
         Ok((x + m.reshape((b, t, h))?)?)
     }
 
