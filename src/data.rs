@@ -120,13 +120,10 @@ pub fn gather(text: &[String], lang: &[String], data: &[String], default: Option
 
 /// Reads a text file strictly: it must exist, be valid UTF-8 and hold non-whitespace text.
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| {
-        if path.exists() {
-            format!("{}: cannot read", path.display())
-        } else {
-            format!("{}: no such file", path.display())
-        }
-    })?;
+    if !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!("{}: not valid UTF-8 (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to())
     })?;

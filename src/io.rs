@@ -5,6 +5,16 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
 
+/// A candle error as one line of text, without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set (error messages stay one line).
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        e => e.to_string().replace('\n', " "),
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
@@ -56,6 +66,6 @@ pub fn read_safetensors(path: &Path) -> Result<(std::collections::HashMap<String
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {}", path.display(), candle_msg(&e)))?;
     Ok((tensors, metadata))
 }

@@ -12,6 +12,11 @@ pub mod generate;
 pub mod io;
 pub mod mask;
 pub mod model;
+pub mod score;
+pub mod perturb;
+pub mod region;
+pub mod report;
 pub mod tokenizer;
+pub mod train;
 
 pub use model::{Config, Model};

@@ -108,3 +108,37 @@ pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
     }
     Ok(())
 }
+
+/// Errors unless every mask tensor names one of `shapes` (a model's parameters, as
+/// [`crate::model::Config::param_shapes`] gives them) with the same shape.
+pub fn check_against_shapes(mask: &Mask, shapes: &[(String, Vec<usize>)]) -> Result<()> {
+    let layout: Vec<(String, Vec<usize>)> = mask.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    check_layout(&layout, shapes)
+}
+
+/// [`check_against_shapes`] on a mask's (name, shape) list.
+pub fn check_layout(layout: &[(String, Vec<usize>)], shapes: &[(String, Vec<usize>)]) -> Result<()> {
+    let model: std::collections::HashMap<&str, &Vec<usize>> = shapes.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    for (n, dims) in layout {
+        let Some(s) = model.get(n.as_str()) else {
+            bail!("mask tensor {n} is not a parameter of this model (a mask made for another model?)");
+        };
+        if *s != dims {
+            bail!("mask tensor {n} has shape {dims:?} but the model's parameter has {s:?} (a mask made for another model?)");
+        }
+    }
+    Ok(())
+}
+
+/// A model's parameter names and shapes from its configuration alone (GGUF metadata or a
+/// Hugging Face directory's config.json), without reading weights.
+pub fn model_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let cfg = if path.is_dir() {
+        crate::model::Config::from_hf_json(&path.join("config.json"))?
+    } else if path.exists() {
+        crate::model::gguf::GgufFile::open(path)?.config()?
+    } else {
+        bail!("{}: no such file or directory", path.display());
+    };
+    Ok(cfg.param_shapes())
+}

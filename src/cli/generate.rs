@@ -1,7 +1,9 @@
-//! `broca generate`: continue a prompt.
+//! `broca generate`: continue a prompt; with `--perturb SPEC…`, also under each perturbation,
+//! printed under the baseline.
 
 use crate::generate::{generate, Sampling};
 use crate::model::Model;
+use crate::perturb::{ops, spec};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -26,6 +28,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Perturbations, each also generated: MASKFILE:OP, norm:LAYER:input|post_attention:DIM:OP
+    /// or norm:final:DIM:OP (OP: zero, randomize, randomize-uniform, scale:F, noise:SIGMA).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub perturb: Vec<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -33,11 +39,29 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
+    let specs: Vec<spec::Spec> = crate::data::split_values(&a.perturb).iter().map(|x| spec::parse(x, &model)).collect::<Result<_>>()?;
     let s = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
-    let text = generate(&model, &a.prompt, a.max_tokens, &s)?;
-    if a.json {
-        return super::print_json(&serde_json::json!({"prompt": a.prompt, "completions": [{"condition": "base", "text": text}]}));
+    let mut outs = vec![("base".to_string(), generate(&model, &a.prompt, a.max_tokens, &s)?)];
+    for sp in &specs {
+        let saved = sp.apply(&model, a.seed)?;
+        let text = generate(&model, &a.prompt, a.max_tokens, &s);
+        ops::restore(&model, saved)?;
+        outs.push((sp.text.clone(), text?));
     }
-    println!("{}{}", a.prompt, text);
+    if a.json {
+        let c: Vec<_> = outs.iter().map(|(c, t)| serde_json::json!({"condition": c, "text": t})).collect();
+        return super::print_json(&serde_json::json!({"prompt": a.prompt, "completions": c}));
+    }
+    if specs.is_empty() {
+        println!("{}{}", a.prompt, outs[0].1);
+        return Ok(());
+    }
+    for (i, (c, t)) in outs.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("[{c}]");
+        println!("{}{}", a.prompt, t);
+    }
     Ok(())
 }

@@ -1,10 +1,18 @@
 //! The `broca` command line: one subcommand per task. `--json` prints exactly one JSON
 //! object on stdout; progress and logs go to stderr.
 
+mod ablate;
 mod bench;
+mod dims;
+mod forget;
 mod generate;
+mod perturb;
 mod ppl;
+mod score;
+pub mod region;
 pub mod progress;
+mod superweights;
+pub mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +34,22 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Matmul peak, forward and forward+backward tokens/s, peak memory.
     Bench(bench::BenchArgs),
+    /// Apply an op to a region and save the perturbed model (HF checkpoint).
+    Perturb(perturb::PerturbArgs),
+    /// PPL per language under region perturbations and equal-size controls.
+    Ablate(ablate::AblateArgs),
+    /// Scan single RMSNorm entries (two stages), or `dims structured` for whole dimensions.
+    Dims(dims::DimsArgs),
+    /// Super-weight candidates in mlp.down_proj, verified by zeroing each.
+    Superweights(superweights::SuperweightsArgs),
+    /// Importance scores |θ·g| per language (resumable, --shard i/n, `merge`), or `diff` (stability).
+    Score(score::ScoreArgs),
+    /// Regions (masks): core, mono, random, ops, compare, stats (concentration, heatmaps), bench.
+    Region(region::RegionArgs),
+    /// Further pretraining with frozen regions (masked AdamW), eval curves, exact resume.
+    Train(train::TrainArgs),
+    /// Forgetting experiment: train with nothing / a region / a random region frozen (+ compensation).
+    Forget(forget::ForgetArgs),
 }
 
 /// The default model: SmolLM2-135M from the assets folder.
@@ -39,6 +63,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ppl(a) => ppl::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Perturb(a) => perturb::run(a),
+        Command::Ablate(a) => ablate::run(a),
+        Command::Dims(a) => dims::run(a),
+        Command::Superweights(a) => superweights::run(a),
+        Command::Region(a) => region::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Forget(a) => forget::run(a),
     }
 }
 

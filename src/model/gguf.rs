@@ -2,6 +2,7 @@
 //! Hugging Face names, with llama's permuted Q/K rows restored to HF layout.
 
 use super::config::{Arch, Config};
+use crate::io::candle_msg;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
@@ -21,7 +22,7 @@ impl GgufFile {
             .with_context(|| format!("{}: cannot open", path.display()))?;
         let len = f.metadata()?.len();
         let content = Content::read(&mut f)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {}", path.display(), candle_msg(&e)))?;
         for (name, info) in &content.tensor_infos {
             let numel = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
@@ -52,7 +53,7 @@ impl GgufFile {
         Ok(v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x as u64))
-            .map_err(|e| anyhow::anyhow!("{}: metadata {key}: {e}", self.path.display()))?
+            .map_err(|e| anyhow::anyhow!("{}: metadata {key}: {}", self.path.display(), candle_msg(&e)))?
             as usize)
     }
 
@@ -111,10 +112,10 @@ impl GgufFile {
         let q = self
             .content
             .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e)))?;
         let t = q
             .dequantize(&Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e)))?;
         Ok(t.to_dtype(DType::F32)?)
     }
 

@@ -38,7 +38,7 @@ pub fn load_weights(dir: &Path, cfg: &Config) -> Result<HashMap<String, Tensor>>
     let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
     for f in &files {
         let tensors = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", f.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {}", f.display(), crate::io::candle_msg(&e)))?;
         for (name, t) in tensors {
             found.insert(name, (t, f.clone()));
         }

@@ -2,6 +2,7 @@
 //! forward pass whose every op carries gradients.
 
 pub mod config;
+pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod ops;
@@ -234,26 +235,24 @@ impl Model {
                 None => y,
             })
         };
-        let hn = ops::rms_norm(x, &self.w(li.input_norm, grad), c.rms_eps)?;
+        let hn = fused::rms_norm(x, &self.w(li.input_norm, grad), c.rms_eps)?;
         let hn = hn.reshape((b * t, h))?;
         let (qb, kb, vb) = match li.bias {
             Some((q, k, v)) => (Some(q), Some(k), Some(v)),
             None => (None, None, None),
         };
-        let q = lin(&hn, li.q, qb)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = lin(&hn, li.k, kb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = fused::rope_transposed(&lin(&hn, li.q, qb)?.reshape((b, t, nh, hd))?, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope_transposed(&lin(&hn, li.k, kb)?.reshape((b, t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
         let v = lin(&hn, li.v, vb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q.contiguous()?, &ctx.cos, &ctx.sin)?;
-        let k = ops::rope(&k.contiguous()?, &ctx.cos, &ctx.sin)?;
         // [b, nh, t, hd] -> [b, nkv, rep*t, hd]: query heads sharing a kv head stacked
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let a = ops::attention(&q, &k, &v, &ctx.mask)?;
+        let a = fused::causal_attention(&q, &k, &v)?;
         let a = a.reshape((b, nh, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
         let x = (x + lin(&a, li.o, None)?.reshape((b, t, h))?)?;
-        let hn = ops::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
+        let hn = fused::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
         let g = lin(&hn, li.gate, None)?;
         let u = lin(&hn, li.up, None)?;
-        let act = ops::swiglu(&g, &u)?;
+        let act = fused::swiglu(&g, &u)?;
         probe("mlp.down_proj.input", &act)?;
         let m = lin(&act, li.down, None)?;
         probe("mlp.down_proj.output", &m)?;
@@ -263,7 +262,7 @@ impl Model {
     /// Final norm and output projection: `[b, t, hidden]` → logits `[b, t, vocab]`.
     pub fn head(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
-        let xn = ops::rms_norm(x, &self.w(self.final_norm, grad), self.config.rms_eps)?;
+        let xn = fused::rms_norm(x, &self.w(self.final_norm, grad), self.config.rms_eps)?;
         let logits = xn.reshape((b * t, h))?.matmul(&self.w(self.lm_head, grad).t()?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
@@ -300,7 +299,7 @@ impl Model {
         let x = x.narrow(1, 0, t - 1)?;
         let logits = self.head(&x.contiguous()?, grad)?.reshape((b * (t - 1), self.config.vocab_size))?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
-        Ok(ops::token_nll(&logits, &targets)?.reshape((b, t - 1))?)
+        Ok(fused::token_nll(&logits, &targets)?.reshape((b, t - 1))?)
     }
 
     /// Mean NLL over all predicted tokens of `ids` `[b, t]` (a scalar), for backprop.

@@ -1,0 +1,188 @@
+//! `broca ablate`: PPL and bits per byte per language under base, each region × op, and
+//! equal-size controls (random / bottom / top per tensor).
+
+use super::progress::bar;
+use crate::data;
+use crate::eval::{self, geomean};
+use crate::mask::{self, Mask};
+use crate::model::Model;
+use crate::perturb::ops::{self, Op};
+use crate::perturb::select::{self, Control};
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct AblateArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Regions as NAME=MASK.safetensors (several allowed).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, required = true)]
+    pub region: Vec<String>,
+    /// Operations: zero, randomize, randomize-uniform, scale:F, noise:SIGMA.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, default_value = "zero")]
+    pub op: Vec<String>,
+    /// Controls of equal per-tensor size: random, bottom, top (bottom/top need --scores).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub controls: Vec<String>,
+    /// Score files (safetensors) the regions were made from; |score| is summed over them.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub scores: Vec<String>,
+    /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: the 30 UDHR languages.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub eval: Vec<String>,
+    /// Keep only the first N tokens of each text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Seed for randomize/noise and the random control.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct LangResult {
+    lang: String,
+    ppl: f64,
+    bits_per_byte: f64,
+}
+
+#[derive(Serialize)]
+struct Condition {
+    condition: String,
+    op: String,
+    geomean_ppl: f64,
+    ratio_to_base: f64,
+    results: Vec<LangResult>,
+}
+
+#[derive(Serialize)]
+struct Output {
+    model: String,
+    languages: Vec<String>,
+    conditions: Vec<Condition>,
+}
+
+/// `NAME=FILE` region arguments, loaded and checked against the model.
+fn load_regions(values: &[String], model: &Model) -> Result<Vec<(String, Mask)>> {
+    let mut out: Vec<(String, Mask)> = Vec::new();
+    for t in data::from_pairs(values)? {
+        if out.iter().any(|(n, _)| *n == t.lang) {
+            bail!("region name '{}' given twice", t.lang);
+        }
+        out.push((t.lang.clone(), mask::load_for(&t.path, model)?));
+    }
+    Ok(out)
+}
+
+pub fn run(a: AblateArgs) -> Result<()> {
+    let ops = ops::parse_ops(&a.op)?;
+    let controls: Vec<Control> = data::split_values(&a.controls).iter().map(|c| Control::parse(c)).collect::<Result<_>>()?;
+    let needs_scores = controls.iter().any(|c| *c != Control::Random);
+    let inputs = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
+    for t in &inputs {
+        data::read_text(&t.path)?;
+    }
+    let model = Model::load(&a.model)?;
+    let regions = load_regions(&a.region, &model)?;
+    let scores = if needs_scores {
+        let files: Vec<PathBuf> = data::split_values(&a.scores).into_iter().map(PathBuf::from).collect();
+        let mut shapes = BTreeMap::new();
+        for (_, m) in &regions {
+            for (n, t) in m {
+                shapes.insert(n.clone(), t.dims().to_vec());
+            }
+        }
+        Some(select::summed_abs_scores(&files, &shapes)?)
+    } else {
+        None
+    };
+    let texts = super::ppl::load_texts(&model, &inputs, a.max_tokens)?;
+
+    // conditions: (label, op, mask)
+    let mut conds: Vec<(String, Option<Op>, Option<Mask>)> = vec![("base".into(), None, None)];
+    for (name, m) in &regions {
+        let ctrl: Vec<(String, Mask)> = controls
+            .iter()
+            .map(|c| Ok((c.label(name), select::control(m, *c, scores.as_ref(), a.seed)?)))
+            .collect::<Result<_>>()?;
+        for op in &ops {
+            conds.push((name.clone(), Some(op.clone()), Some(m.clone())));
+            for (label, cm) in &ctrl {
+                conds.push((label.clone(), Some(op.clone()), Some(cm.clone())));
+            }
+        }
+    }
+    let pb = bar((conds.len() * texts.len()) as u64, "ablate", "evals");
+    let mut out = Vec::new();
+    for (label, op, m) in &conds {
+        let saved = match (op, m) {
+            (Some(op), Some(m)) => Some(ops::apply(&model, m, op, a.seed)?),
+            _ => None,
+        };
+        let opname = op.as_ref().map_or("none".to_string(), |o| o.to_string());
+        pb.set_message(format!("{label} {opname}"));
+        let res: Result<Vec<LangResult>> = texts
+            .iter()
+            .map(|(lang, ids)| {
+                let r = eval::perplexity(&model, lang, ids, a.seq_len, a.seq_len, |_| {})?;
+                pb.inc(1);
+                Ok(LangResult { lang: lang.clone(), ppl: r.ppl, bits_per_byte: r.bits_per_byte })
+            })
+            .collect();
+        if let Some(s) = saved {
+            ops::restore(&model, s)?;
+        }
+        let results = res?;
+        let g = geomean(&results.iter().map(|r| r.ppl).collect::<Vec<_>>());
+        out.push(Condition { condition: label.clone(), op: opname, geomean_ppl: g, ratio_to_base: 0.0, results });
+    }
+    pb.finish_and_clear();
+    let base = out[0].geomean_ppl;
+    for c in &mut out {
+        c.ratio_to_base = c.geomean_ppl / base;
+    }
+    let output = Output {
+        model: a.model.display().to_string(),
+        languages: texts.iter().map(|(l, _)| l.clone()).collect(),
+        conditions: out,
+    };
+    if a.json {
+        return super::print_json(&output);
+    }
+    print_table(&output);
+    Ok(())
+}
+
+fn print_table(o: &Output) {
+    println!("model: {}  (PPL per language; token-weighted)", o.model);
+    let mut head = format!("{:<22} {:<18} {:>12} {:>9}", "condition", "op", "geomean_ppl", "ratio");
+    for l in &o.languages {
+        head.push_str(&format!(" {l:>9}"));
+    }
+    println!("{head}");
+    for c in &o.conditions {
+        let mut row = format!("{:<22} {:<18} {:>12} {:>9.3}", c.condition, c.op, fmt_ppl(c.geomean_ppl), c.ratio_to_base);
+        for r in &c.results {
+            row.push_str(&format!(" {:>9}", fmt_ppl(r.ppl)));
+        }
+        println!("{row}");
+    }
+}
+
+/// PPL for tables: fixed point while small, scientific when huge.
+pub fn fmt_ppl(v: f64) -> String {
+    if v.is_finite() && v < 1e5 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.2e}")
+    }
+}

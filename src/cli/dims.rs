@@ -1,0 +1,454 @@
+//! `broca dims`: single-dimension scans of one RMSNorm weight (two stages, prefix-cached,
+//! batched, with a first-order screen), and `broca dims structured`: one hidden dimension
+//! perturbed everywhere it appears.
+
+use super::ablate::fmt_ppl;
+use super::progress::bar;
+use crate::data;
+use crate::eval::{self, geomean};
+use crate::model::Model;
+use crate::perturb::dims::{self as scan, NormSite};
+use crate::perturb::ops::{self, Op};
+use crate::perturb::{plot, structured};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Default evaluation languages of the scans (UDHR): a few scripts, kept small for speed.
+pub const DEFAULT_LANGS: [&str; 5] = ["en", "zh", "ar", "ru", "de"];
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DimsArgs {
+    #[command(subcommand)]
+    pub sub: Option<DimsCommand>,
+    #[command(flatten)]
+    pub scan: ScanArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DimsCommand {
+    /// Perturb hidden dimension D everywhere it appears (q/k/v/gate/up columns, o/down rows,
+    /// norm entries), together and optionally by matrix kind.
+    Structured(StructuredArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ScanArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Layer of the norm (not needed for --norm final).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Which RMSNorm: input, post_attention or final.
+    #[arg(long)]
+    pub norm: Option<String>,
+    /// Operation on the one entry: randomize, scale:F, zero, noise:SIGMA, randomize-uniform.
+    #[arg(long)]
+    pub op: Option<String>,
+    /// Dimensions to scan: all, or a list (commas, ranges A-B).
+    #[arg(long, default_value = "all")]
+    pub dims: String,
+    /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: UDHR en zh ar ru de.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub eval: Vec<String>,
+    /// Tokens per text in the screening stage (every dimension).
+    #[arg(long, default_value_t = 64)]
+    pub screen_tokens: usize,
+    /// How many of the most damaging dimensions are measured again at --max-tokens.
+    #[arg(long, default_value_t = 32)]
+    pub confirm_top: usize,
+    /// Tokens per text in the confirmation stage.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Perturbed copies per forward (default: about 1024 tokens per forward).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Seed for randomize / noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for dims.json, dims.csv and dims.png.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StructuredArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// The hidden dimension.
+    #[arg(long)]
+    pub dim: usize,
+    /// Layers: all, or a list (commas, ranges A-B).
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    /// Operations (several allowed).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, required = true)]
+    pub op: Vec<String>,
+    /// Also perturb each matrix kind on its own.
+    #[arg(long)]
+    pub by_kind: bool,
+    /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: UDHR en zh ar ru de.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub eval: Vec<String>,
+    /// Tokens per text (one window).
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Seed for randomize / noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `all` or a list of numbers and ranges `A-B`, each below `n`.
+pub fn parse_list(s: &str, n: usize, what: &str) -> Result<Vec<usize>> {
+    if s.trim() == "all" {
+        return Ok((0..n).collect());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |v: &str| -> Result<usize> { v.trim().parse().map_err(|_| anyhow::anyhow!("'{v}' is not a {what} number")) };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b {
+            bail!("{what} range '{part}' is empty");
+        }
+        if b >= n {
+            bail!("{what} {b} out of range (0..{})", n - 1);
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no {what}s given");
+    }
+    Ok(out)
+}
+
+/// The evaluation texts of the scans: `--eval`, or the default UDHR languages.
+fn eval_inputs(values: &[String]) -> Result<Vec<data::TextInput>> {
+    if !values.is_empty() {
+        return data::from_dir_or_pairs(values);
+    }
+    let dir = data::default_eval_dir();
+    DEFAULT_LANGS
+        .iter()
+        .map(|l| {
+            let path = dir.join(format!("{l}.txt"));
+            if !path.exists() {
+                bail!("{}: default evaluation text missing (run scripts/fetch-assets)", path.display());
+            }
+            Ok(data::TextInput { lang: l.to_string(), path })
+        })
+        .collect()
+}
+
+pub fn run(a: DimsArgs) -> Result<()> {
+    match a.sub {
+        Some(DimsCommand::Structured(s)) => run_structured(s),
+        None => run_scan(a.scan),
+    }
+}
+
+#[derive(Serialize)]
+struct DimRow {
+    dim: usize,
+    weight: f64,
+    new_value: f64,
+    /// Geometric-mean PPL over languages at --screen-tokens.
+    screen_ppl: f64,
+    /// Geometric-mean PPL at --max-tokens (confirmed dims and the median dim only).
+    ppl: Option<f64>,
+    /// Per-language PPL at the confirmation length, else at the screening length.
+    per_lang_ppl: Vec<f64>,
+    /// First-order prediction of the change in mean NLL (nats) from the gradient.
+    first_order_delta_nll: f64,
+}
+
+#[derive(Serialize)]
+struct ScanOutput {
+    model: String,
+    norm: String,
+    op: String,
+    seed: u64,
+    languages: Vec<String>,
+    screen_tokens: Vec<usize>,
+    max_tokens: Vec<usize>,
+    base_screen_ppl: f64,
+    base_ppl: f64,
+    /// Ranked: confirmed dims by ppl, then the rest by screen_ppl (most damaging first).
+    dims: Vec<DimRow>,
+    median_dim: usize,
+    /// Spearman correlation between the first-order prediction and the exact screen.
+    spearman_first_order_vs_screen: f64,
+    /// Spearman correlation between screen and confirmation over the confirmed dims.
+    spearman_screen_vs_confirm: Option<f64>,
+    timing: serde_json::Value,
+}
+
+fn geo_ppl(nlls: &[f64]) -> f64 {
+    (nlls.iter().sum::<f64>() / nlls.len() as f64).exp()
+}
+
+fn run_scan(a: ScanArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let norm = a.norm.as_deref().context("dims: --norm input|post_attention|final is required")?;
+    let op: Op = a.op.as_deref().context("dims: --op is required (e.g. scale:10)")?.parse()?;
+    if a.screen_tokens < 2 || a.max_tokens < 2 {
+        bail!("--screen-tokens and --max-tokens must be at least 2");
+    }
+    let inputs = eval_inputs(&a.eval)?;
+    for t in &inputs {
+        data::read_text(&t.path)?;
+    }
+    let model = Model::load(&a.model)?;
+    let site = NormSite::parse(norm, a.layer, &model)?;
+    let h = model.config.hidden_size;
+    let dims = parse_list(&a.dims, h, "dimension")?;
+    let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
+    let langs: Vec<String> = texts.iter().map(|(l, _)| l.clone()).collect();
+    let screen: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids[..ids.len().min(a.screen_tokens)].to_vec()).collect();
+    let full: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids.clone()).collect();
+    let name = site.param_name();
+    let w = ops::values_f64(model.param(&name).context("norm weight missing")?.as_tensor())?;
+    let values = scan::new_values(&model, site, &op, a.seed, &dims)?;
+    let batch_for = |t: usize| a.batch.unwrap_or((1024 / t.max(1)).max(1));
+
+    // baselines; the full-length one also times a naive evaluation of one dimension
+    let base_screen = scan::base_nll(&model, &screen)?;
+    let tb = Instant::now();
+    let base_full = scan::base_nll(&model, &full)?;
+    let naive_one_s = tb.elapsed().as_secs_f64();
+
+    // stage 1: every dimension, short windows
+    let ts = Instant::now();
+    let pb = bar((dims.len() * screen.len()) as u64, "dims screen", "dims");
+    let scr = scan::scan_batched(&model, site, &dims, &values, &screen, batch_for(a.screen_tokens), &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let screen_s = ts.elapsed().as_secs_f64();
+    let screen_ppl: Vec<f64> = scr.iter().map(|v| geo_ppl(v)).collect();
+
+    // stage 2: the most damaging dims (and the median one), full windows
+    let mut order: Vec<usize> = (0..dims.len()).collect();
+    order.sort_by(|&x, &y| screen_ppl[y].total_cmp(&screen_ppl[x]).then(dims[x].cmp(&dims[y])));
+    let median_i = order[order.len() / 2];
+    let mut confirm: Vec<usize> = order.iter().take(a.confirm_top).cloned().collect();
+    if !confirm.contains(&median_i) {
+        confirm.push(median_i);
+    }
+    let tc = Instant::now();
+    let cdims: Vec<usize> = confirm.iter().map(|&i| dims[i]).collect();
+    let cvals: Vec<f64> = confirm.iter().map(|&i| values[i]).collect();
+    let pb = bar((cdims.len() * full.len()) as u64, "dims confirm", "dims");
+    let conf = scan::scan_batched(&model, site, &cdims, &cvals, &full, batch_for(a.max_tokens), &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let confirm_s = tc.elapsed().as_secs_f64();
+
+    // first-order screen
+    let tg = Instant::now();
+    let g = scan::norm_gradient(&model, site, &screen)?;
+    let gradient_s = tg.elapsed().as_secs_f64();
+    let pred: Vec<f64> = dims.iter().zip(&values).map(|(&d, &v)| g[d] * (v - w[d])).collect();
+    let base_mean = base_screen.iter().sum::<f64>() / base_screen.len() as f64;
+    let exact: Vec<f64> = scr.iter().map(|v| v.iter().sum::<f64>() / v.len() as f64 - base_mean).collect();
+    let rho = scan::spearman(&pred, &exact);
+
+    let mut rows: Vec<DimRow> = Vec::new();
+    let confirmed: std::collections::HashMap<usize, &Vec<f64>> = confirm.iter().cloned().zip(conf.iter()).collect();
+    let top_n = a.confirm_top.min(order.len());
+    let mut ranked: Vec<usize> = order[..top_n].to_vec();
+    ranked.sort_by(|&x, &y| geo_ppl(confirmed[&y]).total_cmp(&geo_ppl(confirmed[&x])).then(dims[x].cmp(&dims[y])));
+    ranked.extend(order[top_n..].iter().cloned());
+    for i in ranked {
+        let c = confirmed.get(&i);
+        let per: Vec<f64> = c.map_or(&scr[i], |v| *v).iter().map(|x| x.exp()).collect();
+        rows.push(DimRow {
+            dim: dims[i],
+            weight: w[dims[i]],
+            new_value: values[i],
+            screen_ppl: screen_ppl[i],
+            ppl: c.map(|v| geo_ppl(v)),
+            per_lang_ppl: per,
+            first_order_delta_nll: pred[i],
+        });
+    }
+    let rho_sc = (top_n >= 3).then(|| {
+        let s: Vec<f64> = confirm[..top_n].iter().map(|&i| screen_ppl[i]).collect();
+        let f: Vec<f64> = conf[..top_n].iter().map(|v| geo_ppl(v)).collect();
+        scan::spearman(&s, &f)
+    });
+    let total_s = t0.elapsed().as_secs_f64();
+    let naive_s = naive_one_s * dims.len() as f64;
+    let out = ScanOutput {
+        model: a.model.display().to_string(),
+        norm: name,
+        op: op.to_string(),
+        seed: a.seed,
+        languages: langs,
+        screen_tokens: screen.iter().map(Vec::len).collect(),
+        max_tokens: full.iter().map(Vec::len).collect(),
+        base_screen_ppl: geo_ppl(&base_screen),
+        base_ppl: geo_ppl(&base_full),
+        dims: rows,
+        median_dim: dims[median_i],
+        spearman_first_order_vs_screen: rho,
+        spearman_screen_vs_confirm: rho_sc,
+        timing: serde_json::json!({
+            "screen_s": screen_s, "confirm_s": confirm_s, "gradient_s": gradient_s, "total_s": total_s,
+            "naive_full_eval_one_dim_s": naive_one_s,
+            "naive_estimate_s": naive_s,
+            "speedup_vs_naive": naive_s / (screen_s + confirm_s),
+            "threads": candle_core::utils::get_num_threads(),
+        }),
+    };
+    if let Some(dir) = &a.out {
+        crate::io::write_json(&dir.join("dims.json"), &out)?;
+        let mut csv = String::from("dim,weight,new_value,screen_ppl,ppl,first_order_delta_nll\n");
+        let mut by_dim: Vec<&DimRow> = out.dims.iter().collect();
+        by_dim.sort_by_key(|r| r.dim);
+        for r in &by_dim {
+            let p = r.ppl.map_or(String::new(), |p| p.to_string());
+            csv.push_str(&format!("{},{},{},{},{},{}\n", r.dim, r.weight, r.new_value, r.screen_ppl, p, r.first_order_delta_nll));
+        }
+        crate::io::atomic_write(&dir.join("dims.csv"), csv.as_bytes())?;
+        let pd: Vec<usize> = by_dim.iter().map(|r| r.dim).collect();
+        let pp: Vec<f64> = by_dim.iter().map(|r| r.screen_ppl).collect();
+        plot::ppl_by_dim(&dir.join("dims.png"), &pd, &pp, out.base_screen_ppl, 10)?;
+    }
+    if a.json {
+        return super::print_json(&out);
+    }
+    print_scan(&out, a.confirm_top);
+    Ok(())
+}
+
+fn print_scan(o: &ScanOutput, top: usize) {
+    println!("model: {}  norm: {}  op: {}  languages: {}", o.model, o.norm, o.op, o.languages.join(" "));
+    println!(
+        "base geomean PPL: {} at {:?} tokens (screen), {} at {:?} tokens",
+        fmt_ppl(o.base_screen_ppl),
+        o.screen_tokens,
+        fmt_ppl(o.base_ppl),
+        o.max_tokens
+    );
+    println!("{:>4} {:>6} {:>10} {:>10} {:>12} {:>12} {:>12}", "rank", "dim", "weight", "new", "screen_ppl", "ppl", "1st-order");
+    let line = |rank: String, r: &DimRow| {
+        let p = r.ppl.map_or("-".to_string(), fmt_ppl);
+        println!(
+            "{:>4} {:>6} {:>10.4} {:>10.4} {:>12} {:>12} {:>12.4}",
+            rank,
+            r.dim,
+            r.weight,
+            r.new_value,
+            fmt_ppl(r.screen_ppl),
+            p,
+            r.first_order_delta_nll
+        );
+    };
+    for (i, r) in o.dims.iter().take(top.max(1)).enumerate() {
+        line((i + 1).to_string(), r);
+    }
+    if let Some(r) = o.dims.iter().find(|r| r.dim == o.median_dim) {
+        line("med".into(), r);
+    }
+    println!(
+        "Spearman(first-order, screen) = {:.3}; Spearman(screen, confirm) over top {} = {}",
+        o.spearman_first_order_vs_screen,
+        top,
+        o.spearman_screen_vs_confirm.map_or("-".into(), |v| format!("{v:.3}"))
+    );
+    println!("timing: {}", o.timing);
+}
+
+#[derive(Serialize)]
+struct StructCondition {
+    condition: String,
+    op: String,
+    entries: usize,
+    geomean_ppl: f64,
+    ratio_to_base: f64,
+    results: Vec<serde_json::Value>,
+}
+
+fn run_structured(a: StructuredArgs) -> Result<()> {
+    let ops = ops::parse_ops(&a.op)?;
+    let inputs = eval_inputs(&a.eval)?;
+    for t in &inputs {
+        data::read_text(&t.path)?;
+    }
+    let model = Model::load(&a.model)?;
+    let layers = parse_list(&a.layers, model.config.num_layers, "layer")?;
+    let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();
+    let h = model.config.hidden_size;
+    if a.dim >= h {
+        bail!("dimension {} out of range: hidden size is {h} (0..{})", a.dim, h - 1);
+    }
+    let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
+    let mut groups: Vec<(String, Vec<&str>)> = vec![("all".into(), all.clone())];
+    if a.by_kind {
+        groups.extend(all.iter().map(|k| (structured::kind_label(k).to_string(), vec![*k])));
+    }
+    let n = 1 + ops.len() * groups.len();
+    let pb = bar((n * texts.len()) as u64, "structured", "evals");
+    let eval_all = |label: &str| -> Result<Vec<serde_json::Value>> {
+        pb.set_message(label.to_string());
+        texts
+            .iter()
+            .map(|(lang, ids)| {
+                let r = eval::perplexity(&model, lang, ids, ids.len(), ids.len(), |_| {})?;
+                pb.inc(1);
+                Ok(serde_json::json!({"lang": lang, "ppl": r.ppl, "bits_per_byte": r.bits_per_byte}))
+            })
+            .collect()
+    };
+    let gm = |r: &[serde_json::Value]| geomean(&r.iter().map(|x| x["ppl"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    let base = eval_all("base")?;
+    let base_g = gm(&base);
+    let mut conds = vec![StructCondition { condition: "base".into(), op: "none".into(), entries: 0, geomean_ppl: base_g, ratio_to_base: 1.0, results: base }];
+    for op in &ops {
+        for (label, kinds) in &groups {
+            let mask = structured::stripe_mask(&model, a.dim, &layers, kinds)?;
+            let saved = ops::apply(&model, &mask, op, a.seed)?;
+            let entries = saved.count();
+            let r = eval_all(label);
+            ops::restore(&model, saved)?;
+            let r = r?;
+            let g = gm(&r);
+            conds.push(StructCondition { condition: label.clone(), op: op.to_string(), entries, geomean_ppl: g, ratio_to_base: g / base_g, results: r });
+        }
+    }
+    pb.finish_and_clear();
+    let langs: Vec<String> = texts.iter().map(|(l, _)| l.clone()).collect();
+    if a.json {
+        return super::print_json(&serde_json::json!({
+            "model": a.model.display().to_string(), "dim": a.dim, "layers": layers,
+            "languages": langs, "conditions": conds,
+        }));
+    }
+    println!("model: {}  dim: {}  layers: {}", a.model.display(), a.dim, a.layers);
+    let mut head = format!("{:<26} {:<12} {:>8} {:>12} {:>9}", "condition", "op", "entries", "geomean_ppl", "ratio");
+    for l in &langs {
+        head.push_str(&format!(" {l:>9}"));
+    }
+    println!("{head}");
+    for c in &conds {
+        let mut row = format!("{:<26} {:<12} {:>8} {:>12} {:>9.3}", c.condition, c.op, c.entries, fmt_ppl(c.geomean_ppl), c.ratio_to_base);
+        for r in &c.results {
+            row.push_str(&format!(" {:>9}", fmt_ppl(r["ppl"].as_f64().unwrap_or(f64::NAN))));
+        }
+        println!("{row}");
+    }
+    Ok(())
+}

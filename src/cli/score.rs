@@ -1,0 +1,247 @@
+//! `broca score`: gradient × weight importance per language (resumable, shardable), plus
+//! `broca score merge` (adds shard results) and `broca score diff` (stability scores).
+
+use super::progress::bar;
+use crate::data;
+use crate::model::Model;
+use crate::score::{self, run, windows};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ScoreArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ScoreCmd>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScoreCmd {
+    /// Adds the shard results under DIR/.partial/ into DIR/<lang>.safetensors.
+    Merge(MergeArgs),
+    /// Stability scores |θ_tuned − θ_base| (or relative) of two checkpoints.
+    Diff(DiffArgs),
+}
+
+/// Importance scores |θ ⊙ g|, g = mean over windows of ∇ mean-NLL(window).
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Text files (language = file stem).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub text: Vec<String>,
+    /// NAME=FILE pairs.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub lang: Vec<String>,
+    /// A folder of *.txt (language = stem) or NAME=FILE pairs.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub data: Vec<String>,
+    /// Token budget per language: use the first N tokens of each text (default: all).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Window length in tokens (non-overlapping windows; a trailing partial window is dropped).
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Windows per forward/backward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Process only the i-th of n contiguous slices of the windows (0-based, e.g. 0/4);
+    /// combine with `broca score merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Checkpoint the running sum under DIR/.partial/ at least this often (seconds).
+    #[arg(long, default_value_t = 300.0)]
+    pub checkpoint_secs: f64,
+    /// Also checkpoint every K windows.
+    #[arg(long)]
+    pub checkpoint_windows: Option<usize>,
+    /// Tests: exit with an error after K windows of this call, without saving (simulates a kill).
+    #[arg(long, hide = true)]
+    pub stop_after_windows: Option<usize>,
+    /// Output folder: DIR/<lang>.safetensors per language.
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The folder given as --out to the shard runs.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The base checkpoint (GGUF file or HF directory).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The further-trained checkpoint, with the same parameter names and shapes.
+    #[arg(long)]
+    pub tuned: PathBuf,
+    /// Output score file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// |Δθ| / (|θ_base| + eps) instead of |Δθ|.
+    #[arg(long)]
+    pub relative: bool,
+    /// ε of --relative.
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// The `lang` metadata (e.g. the language the model was tuned on).
+    #[arg(long, default_value = "diff")]
+    pub lang: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct ScoreOutput {
+    model: String,
+    out: PathBuf,
+    seq_len: usize,
+    batch: usize,
+    shard: Option<String>,
+    seconds: f64,
+    tokens_per_second: f64,
+    results: Vec<run::Outcome>,
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    match a.cmd {
+        Some(ScoreCmd::Merge(m)) => merge(m),
+        Some(ScoreCmd::Diff(d)) => diff(d),
+        None => score(a.run),
+    }
+}
+
+fn score(a: RunArgs) -> Result<()> {
+    let Some(out) = a.out.clone() else { bail!("--out DIR is required") };
+    let shard = a.shard.as_deref().map(str::parse::<windows::Shard>).transpose()?;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.seq_len < 2 {
+        bail!("--seq-len must be at least 2");
+    }
+    if a.tokens.is_some_and(|n| n < 2) {
+        bail!("--tokens must be at least 2");
+    }
+    let inputs = data::gather(&a.text, &a.lang, &a.data, None)?;
+    let mut texts = Vec::new();
+    for t in &inputs {
+        run::check_lang(&t.lang)?;
+        texts.push(data::read_text(&t.path)?);
+    }
+    let model = Model::load(&a.model)?;
+    let sha = score::model_sha256(&a.model)?;
+    let tok = model.tokenizer()?;
+    let mut ids = Vec::new();
+    for (t, text) in inputs.iter().zip(&texts) {
+        let v = windows::budget_tokens(tok, text, a.tokens)?;
+        if v.len() < 2 {
+            bail!("{}: fewer than 2 tokens", t.path.display());
+        }
+        ids.push(v);
+    }
+    drop(texts);
+    let opts = run::Options {
+        seq_len: a.seq_len,
+        batch: a.batch,
+        shard,
+        checkpoint_secs: a.checkpoint_secs,
+        checkpoint_windows: a.checkpoint_windows,
+        stop_after_windows: a.stop_after_windows,
+    };
+    let total: usize = ids
+        .iter()
+        .map(|v| -> Result<usize> {
+            let w = windows::windows(v.len(), a.seq_len)?;
+            let r = shard.map(|s| s.range(w.len())).unwrap_or(0..w.len());
+            Ok(w[r].iter().map(|x| x.len()).sum())
+        })
+        .sum::<Result<usize>>()?;
+    let pb = bar(total as u64, "score", "tok");
+    let job = run::Job { model: &model, model_sha256: &sha, out: &out };
+    let start = std::time::Instant::now();
+    let mut results = Vec::new();
+    let mut computed = 0usize;
+    for (t, v) in inputs.iter().zip(&ids) {
+        pb.set_message(format!("score {}", t.lang));
+        let o = run::score_language(&job, &t.lang, v, &opts, &mut |n| pb.inc(n as u64))?;
+        computed += o.computed_tokens;
+        results.push(o);
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let o = ScoreOutput {
+        model: a.model.display().to_string(),
+        out,
+        seq_len: a.seq_len,
+        batch: a.batch,
+        shard: shard.map(|s| s.to_string()),
+        seconds: secs,
+        tokens_per_second: computed as f64 / secs.max(1e-9),
+        results,
+    };
+    if a.json {
+        return super::print_json(&o);
+    }
+    print_table(&o.results);
+    println!("total {:.1} s, {:.1} tokens/s computed", o.seconds, o.tokens_per_second);
+    Ok(())
+}
+
+fn print_table(results: &[run::Outcome]) {
+    println!("{:<8} {:<8} {:>8} {:>8} {:>9} {:>9}  file", "lang", "status", "windows", "tokens", "seconds", "tok/s");
+    for r in results {
+        println!(
+            "{:<8} {:<8} {:>8} {:>8} {:>9.1} {:>9.1}  {}",
+            r.lang,
+            r.status,
+            r.windows,
+            r.tokens,
+            r.seconds,
+            r.tokens_per_second,
+            r.file.display()
+        );
+    }
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let results = run::merge(&a.out)?;
+    if a.json {
+        return super::print_json(&serde_json::json!({"out": a.out, "results": results}));
+    }
+    print_table(&results);
+    Ok(())
+}
+
+fn diff(a: DiffArgs) -> Result<()> {
+    let base = Model::load(&a.base)?;
+    let tuned = Model::load(&a.tuned)?;
+    score::diff::check_same_params(&base, &a.base, &tuned, &a.tuned)?;
+    let (bs, ts) = (score::model_sha256(&a.base)?, score::model_sha256(&a.tuned)?);
+    score::diff::write_diff(&base, &bs, &tuned, &ts, &a.lang, a.relative, a.eps, &a.out)?;
+    let method = if a.relative { score::METHOD_DIFF_RELATIVE } else { score::METHOD_DIFF };
+    if a.json {
+        return super::print_json(&serde_json::json!({
+            "base": a.base, "tuned": a.tuned, "out": a.out, "method": method, "lang": a.lang,
+            "params": base.num_params(),
+        }));
+    }
+    println!("{} ({method}, {} parameters) written to {}", a.lang, base.num_params(), a.out.display());
+    Ok(())
+}

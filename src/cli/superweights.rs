@@ -1,0 +1,95 @@
+//! `broca superweights`: super-weight candidates from down_proj activations, each verified
+//! by zeroing that one weight and measuring PPL.
+
+use super::ablate::fmt_ppl;
+use super::progress::bar;
+use crate::data;
+use crate::eval;
+use crate::model::Model;
+use crate::perturb::ops;
+use crate::perturb::superweights::{candidates, Candidate};
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct SuperweightsArgs {
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(long, default_value_os_t = super::default_model())]
+    pub model: PathBuf,
+    /// Prompt whose activations are recorded.
+    #[arg(long, default_value = "Apple Inc. is a worldwide tech company.")]
+    pub prompt: String,
+    /// How many candidates (layers with the largest down_proj output activation) to verify.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Verification text (default: English UDHR).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Tokens of the verification text.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Verified {
+    #[serde(flatten)]
+    candidate: Candidate,
+    ppl_zeroed: f64,
+    ratio_to_base: f64,
+}
+
+pub fn run(a: SuperweightsArgs) -> Result<()> {
+    let eval_path = a.eval.clone().unwrap_or_else(|| data::default_eval_dir().join("en.txt"));
+    let text = data::read_text(&eval_path)?;
+    let model = Model::load(&a.model)?;
+    let tok = model.tokenizer()?;
+    let prompt_ids = tok.encode(&a.prompt)?;
+    if prompt_ids.is_empty() {
+        bail!("--prompt: no tokens");
+    }
+    let mut ids = tok.encode(&text)?;
+    ids.truncate(a.max_tokens);
+    if ids.len() < 2 {
+        bail!("{}: fewer than 2 tokens", eval_path.display());
+    }
+    let ppl = |m: &Model| -> Result<f64> { Ok(eval::perplexity(m, "eval", &ids, ids.len(), ids.len(), |_| {})?.ppl) };
+    let base = ppl(&model)?;
+    let mut cands = candidates(&model, &prompt_ids)?;
+    cands.sort_by(|x, y| y.output_activation.abs().total_cmp(&x.output_activation.abs()));
+    cands.truncate(a.top);
+    let pb = bar(cands.len() as u64, "superweights", "weights");
+    let mut out = Vec::new();
+    for c in cands {
+        let name = format!("model.layers.{}.mlp.down_proj.weight", c.layer);
+        let cols = model.config.intermediate_size;
+        let saved = ops::apply_values(&model, &name, &[c.row * cols + c.col], &[0.0])?;
+        let p = ppl(&model);
+        ops::restore(&model, saved)?;
+        let p = p?;
+        pb.inc(1);
+        out.push(Verified { candidate: c, ppl_zeroed: p, ratio_to_base: p / base });
+    }
+    pb.finish_and_clear();
+    if a.json {
+        return super::print_json(&serde_json::json!({
+            "model": a.model.display().to_string(), "prompt": a.prompt, "prompt_tokens": prompt_ids.len(),
+            "eval": eval_path.display().to_string(), "eval_tokens": ids.len(), "base_ppl": base, "candidates": out,
+        }));
+    }
+    println!("model: {}  prompt: {:?} ({} tokens)", a.model.display(), a.prompt, prompt_ids.len());
+    println!("verification: {} first {} tokens, base PPL {}", eval_path.display(), ids.len(), fmt_ppl(base));
+    println!("{:>5} {:>5} {:>6} {:>5} {:>12} {:>11} {:>10} {:>12} {:>9}", "layer", "row", "col", "tok", "out_act", "in_act", "weight", "ppl_zeroed", "ratio");
+    for v in &out {
+        let c = &v.candidate;
+        println!(
+            "{:>5} {:>5} {:>6} {:>5} {:>12.2} {:>11.2} {:>10.4} {:>12} {:>9.3}",
+            c.layer, c.row, c.col, c.token, c.output_activation, c.input_activation, c.weight, fmt_ppl(v.ppl_zeroed), v.ratio_to_base
+        );
+    }
+    Ok(())
+}

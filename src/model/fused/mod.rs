@@ -1,0 +1,250 @@
+//! Fused CPU kernels with exact backward passes, as candle custom ops.
+//!
+//! Each op computes in one pass over rows (rayon-parallel) what [`super::ops`] builds from
+//! several candle ops, and its backward is a second fused kernel. The composed versions in
+//! `ops` stay the reference (unit tests compare both, forward and backward) and the path
+//! used on non-CPU devices.
+
+mod nll;
+mod norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use nll::token_nll;
+pub use norm::rms_norm;
+pub use rope::rope_transposed;
+pub use softmax::causal_softmax;
+pub use swiglu::swiglu;
+
+use candle_core::{bail, CpuStorage, Layout, Result, Tensor};
+use std::cell::Cell;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+thread_local! {
+    static REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the fused ops replaced by the composed reference ops of
+/// [`super::ops`] on this thread (tests compare whole models both ways).
+pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
+    let old = REFERENCE.with(|r| r.replace(true));
+    let out = f();
+    REFERENCE.with(|r| r.set(old));
+    out
+}
+
+/// Whether the fused kernel applies to `t` (a CPU tensor, fused ops not switched off).
+pub(crate) fn use_fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && !REFERENCE.with(|r| r.get())
+}
+
+/// Causal grouped-query attention with the fused scaled causal softmax; same contract as
+/// [`super::ops::attention`] (`q` `[b, kv, rep*t, d]`, `k`, `v` `[b, kv, t, d]`).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(candle_core::D::Minus1)?;
+    let scores = q.matmul(&k.t()?)?;
+    causal_softmax(&scores, 1.0 / (d as f64).sqrt())?.matmul(v)
+}
+
+/// The float types the kernels run on (f32, f64).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn max(self, o: Self) -> Self;
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// The contiguous data of a storage/layout pair.
+pub(crate) fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Rows of length `n` in a slice of length `len`, or an error.
+pub(crate) fn rows_of(len: usize, n: usize, what: &str) -> Result<usize> {
+    if n == 0 || len % n != 0 {
+        bail!("{what}: {len} elements are not rows of {n}");
+    }
+    Ok(len / n)
+}
+
+/// Rows per parallel task so that each task gets at least ~`min_elems` elements.
+pub(crate) fn rows_per_task(rows: usize, n: usize, min_elems: usize) -> usize {
+    let tasks = (rayon::current_num_threads() * 4).max(1);
+    rows.div_ceil(tasks).max(min_elems.div_ceil(n.max(1))).max(1)
+}
+
+/// Applies a generic kernel to f32 or f64 storage, wrapping the result back into storage.
+macro_rules! dispatch {
+    ($s:expr, $name:expr, |$v:ident| $body:expr) => {
+        match $s {
+            candle_core::CpuStorage::F32($v) => candle_core::CpuStorage::F32($body),
+            candle_core::CpuStorage::F64($v) => candle_core::CpuStorage::F64($body),
+            s => candle_core::bail!("{}: unsupported dtype {:?}", $name, candle_core::backend::BackendStorage::dtype(s)),
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// The f32/f64 view of a second operand with the same dtype as the first.
+pub(crate) trait Same: Real {
+    fn same<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [Self]>;
+}
+impl Same for f32 {
+    fn same<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            s => bail!("{what}: dtype mismatch, expected f32, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+        }
+    }
+}
+impl Same for f64 {
+    fn same<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f64]> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            s => bail!("{what}: dtype mismatch, expected f64, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Shared checks: fused vs composed (forward and backward) and finite differences.
+    use candle_core::{Device, Result, Tensor, Var};
+
+    pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Compares `fused` and `reference` on the f64 inputs `xs` (gradients of the weighted
+    /// sum `Σ r·f(x)` for a fixed random `r`), and checks the fused gradient against central
+    /// finite differences at a few coordinates of each input.
+    pub fn check(
+        xs: &[Tensor],
+        fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        tol: f64,
+    ) {
+        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let yf = fused(&ts).unwrap();
+        let yr = reference(&ts).unwrap();
+        assert_eq!(yf.dims(), yr.dims());
+        let d = max_abs_diff(&yf, &yr);
+        assert!(d < tol, "forward differs by {d}");
+        let r = randn(yf.dims(), 99);
+        let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let a = gf.get(v.as_tensor()).expect("fused grad");
+            let b = gr.get(v.as_tensor()).expect("reference grad");
+            let d = max_abs_diff(a, b);
+            assert!(d < tol, "gradient of input {i} differs by {d}");
+            // finite differences on a few coordinates
+            let flat: Vec<f64> = xs[i].flatten_all().unwrap().to_vec1().unwrap();
+            let ga: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let n = flat.len();
+            for k in [0, n / 3, n / 2, n - 1] {
+                let h = 1e-5;
+                let f_at = |delta: f64| -> f64 {
+                    let mut p = flat.clone();
+                    p[k] += delta;
+                    let mut args: Vec<Tensor> = xs.to_vec();
+                    args[i] = Tensor::from_vec(p, xs[i].dims(), &Device::Cpu).unwrap();
+                    let y = fused(&args).unwrap();
+                    (&y * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                };
+                let fd = (f_at(h) - f_at(-h)) / (2.0 * h);
+                let err = (fd - ga[k]).abs() / (1e-6 + fd.abs().max(ga[k].abs()));
+                assert!(err < 1e-5 || (fd - ga[k]).abs() < 1e-8, "input {i} coord {k}: fd {fd} vs {}", ga[k]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use super::testing::max_abs_diff;
+    use crate::model::{Arch, Config, Model};
+    use candle_core::{DType, Tensor};
+
+    /// Whole tiny models (both architectures, batch 2): fused and reference forward give the
+    /// same per-token NLL and the same gradient for every parameter.
+    #[test]
+    fn fused_model_matches_reference_ops() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = Model::random(Config::tiny(arch), DType::F64, 11).unwrap();
+            let ids: Vec<u32> = (0..14).map(|i| (i * 7 + 3) % 37).collect();
+            let ids = Tensor::from_vec(ids, (2, 7), &candle_core::Device::Cpu).unwrap();
+            let run = || {
+                let nll = m.token_nll(&ids, true).unwrap();
+                let g = nll.mean_all().unwrap().backward().unwrap();
+                let grads: Vec<Tensor> = m.params.iter().map(|p| g.get(p.var.as_tensor()).unwrap().clone()).collect();
+                (nll, grads)
+            };
+            let (nf, gf) = run();
+            let (nr, gr) = super::with_reference_ops(run);
+            assert!(max_abs_diff(&nf, &nr) < 1e-12, "{arch:?} nll");
+            for ((p, a), b) in m.params.iter().zip(&gf).zip(&gr) {
+                let d = max_abs_diff(a, b);
+                assert!(d < 1e-12, "{arch:?} {}: gradient differs by {d}", p.name);
+            }
+            let inference = m.token_nll(&ids, false).unwrap();
+            assert!(max_abs_diff(&inference, &nf) < 1e-12);
+        }
+    }
+}

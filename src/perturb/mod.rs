@@ -1,0 +1,12 @@
+//! Perturbation experiments: operations on regions with exact restore, control regions,
+//! single-dimension norm scans, structured (whole hidden dimension) perturbation, generation
+//! specs and super-weight search.
+
+pub mod dims;
+pub mod layer;
+pub mod ops;
+pub mod plot;
+pub mod select;
+pub mod spec;
+pub mod structured;
+pub mod superweights;

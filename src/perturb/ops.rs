@@ -1,0 +1,231 @@
+//! Perturbation operations applied in place to the entries of a region, and their exact undo.
+//!
+//! Only the touched entries are saved (flat index and old value, as f64, which holds every
+//! f32/f16/bf16 value exactly), so restoring leaves every weight bitwise equal.
+
+use crate::mask::Mask;
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use std::fmt;
+use std::str::FromStr;
+
+/// What to do to the selected entries of a tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Set to 0.
+    Zero,
+    /// Draw from a normal with the tensor's own mean and standard deviation.
+    Randomize,
+    /// Draw from a uniform with the tensor's own mean and standard deviation.
+    RandomizeUniform,
+    /// Multiply by a factor.
+    Scale(f64),
+    /// Add normal noise with this standard deviation.
+    Noise(f64),
+}
+
+/// The accepted forms, for error messages.
+pub const OP_FORMS: &str = "zero, randomize, randomize-uniform, scale:F, noise:SIGMA";
+
+impl FromStr for Op {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Op> {
+        let num = |v: &str, what: &str| -> Result<f64> {
+            let x: f64 = v.parse().map_err(|_| anyhow::anyhow!("op '{s}': '{v}' is not a number ({what})"))?;
+            if !x.is_finite() {
+                bail!("op '{s}': {what} must be finite");
+            }
+            Ok(x)
+        };
+        Ok(match s.split_once(':') {
+            None => match s {
+                "zero" => Op::Zero,
+                "randomize" => Op::Randomize,
+                "randomize-uniform" => Op::RandomizeUniform,
+                "scale" | "noise" => bail!("op '{s}' needs a value ({s}:X)"),
+                _ => bail!("unknown op '{s}' (expected one of {OP_FORMS})"),
+            },
+            Some(("scale", v)) => Op::Scale(num(v, "the factor")?),
+            Some(("noise", v)) => {
+                let x = num(v, "sigma")?;
+                if x < 0.0 {
+                    bail!("op '{s}': sigma must not be negative");
+                }
+                Op::Noise(x)
+            }
+            Some(_) => bail!("unknown op '{s}' (expected one of {OP_FORMS})"),
+        })
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Zero => write!(f, "zero"),
+            Op::Randomize => write!(f, "randomize"),
+            Op::RandomizeUniform => write!(f, "randomize-uniform"),
+            Op::Scale(x) => write!(f, "scale:{x}"),
+            Op::Noise(x) => write!(f, "noise:{x}"),
+        }
+    }
+}
+
+/// Parses `--op` values (repeated or comma-separated).
+pub fn parse_ops(values: &[String]) -> Result<Vec<Op>> {
+    let ops: Vec<Op> = crate::data::split_values(values).iter().map(|s| s.parse()).collect::<Result<_>>()?;
+    if ops.is_empty() {
+        bail!("no --op given (expected one of {OP_FORMS})");
+    }
+    Ok(ops)
+}
+
+/// The random stream for one tensor: depends only on the seed and the tensor's name, so a
+/// tensor's draws do not depend on which other tensors are perturbed.
+pub fn tensor_rng(seed: u64, name: &str) -> StdRng {
+    // FNV-1a: stable across runs and platforms
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    StdRng::seed_from_u64(seed ^ h)
+}
+
+/// Mean and (population) standard deviation.
+pub fn mean_std(w: &[f64]) -> (f64, f64) {
+    let n = w.len().max(1) as f64;
+    let mean = w.iter().sum::<f64>() / n;
+    let var = w.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+impl Op {
+    /// New values for entries `idx` (flat indices, in order) of a tensor holding `w`.
+    pub fn new_values(&self, w: &[f64], idx: &[usize], rng: &mut StdRng) -> Vec<f64> {
+        match self {
+            Op::Zero => vec![0.0; idx.len()],
+            Op::Scale(f) => idx.iter().map(|&i| w[i] * f).collect(),
+            Op::Noise(s) => {
+                let n = Normal::new(0.0, *s).expect("sigma checked when parsed");
+                idx.iter().map(|&i| w[i] + n.sample(rng)).collect()
+            }
+            Op::Randomize => {
+                let (m, s) = mean_std(w);
+                let n = Normal::new(m, s).expect("finite std");
+                idx.iter().map(|_| n.sample(rng)).collect()
+            }
+            Op::RandomizeUniform => {
+                let (m, s) = mean_std(w);
+                let half = s * 3f64.sqrt();
+                idx.iter().map(|_| if half > 0.0 { rng.gen_range(m - half..m + half) } else { m }).collect()
+            }
+        }
+    }
+}
+
+/// Flat indices of the non-zero entries of a U8 mask tensor.
+pub fn mask_indices(t: &Tensor) -> Result<Vec<usize>> {
+    let v: Vec<u8> = t.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
+    Ok(v.iter().enumerate().filter(|(_, &b)| b != 0).map(|(i, _)| i).collect())
+}
+
+/// A tensor's values as f64 (exact for f32, f16, bf16).
+pub fn values_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?)
+}
+
+/// The touched entries of one parameter: flat indices and their values before the change.
+struct Touched {
+    name: String,
+    idx: Vec<usize>,
+    old: Vec<f64>,
+}
+
+/// What [`apply`] changed, for [`restore`].
+#[must_use = "restore the model with perturb::ops::restore"]
+pub struct Saved {
+    touched: Vec<Touched>,
+}
+
+impl Saved {
+    /// Number of entries changed.
+    pub fn count(&self) -> usize {
+        self.touched.iter().map(|t| t.idx.len()).sum()
+    }
+}
+
+/// Writes `vals` at flat indices `idx` of parameter `name`, in place.
+fn write_entries(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<()> {
+    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let t = var.as_tensor();
+    let mut w = values_f64(t)?;
+    for (&i, &v) in idx.iter().zip(vals) {
+        w[i] = v;
+    }
+    let new = Tensor::from_vec(w, t.dims(), &Device::Cpu)?.to_dtype(t.dtype())?;
+    var.set(&new)?;
+    Ok(())
+}
+
+/// Applies `op` to the entries of `mask` (checked against the model), seeded per tensor.
+pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
+    crate::mask::check_matches(mask, model)?;
+    let mut saved = Saved { touched: Vec::new() };
+    for (name, m) in mask {
+        let idx = mask_indices(m)?;
+        if idx.is_empty() {
+            continue;
+        }
+        let var = model.param(name).expect("checked above");
+        let w = values_f64(var.as_tensor())?;
+        let vals = op.new_values(&w, &idx, &mut tensor_rng(seed, name));
+        let old = idx.iter().map(|&i| w[i]).collect();
+        if let Err(e) = write_entries(model, name, &idx, &vals) {
+            // leave the model as it was
+            restore(model, saved)?;
+            return Err(e);
+        }
+        saved.touched.push(Touched { name: name.clone(), idx, old });
+    }
+    Ok(saved)
+}
+
+/// Sets entries `idx` of parameter `name` to `vals` (a hand-made perturbation), saving the
+/// old values for [`restore`].
+pub fn apply_values(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<Saved> {
+    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let w = values_f64(var.as_tensor())?;
+    if let Some(&i) = idx.iter().find(|&&i| i >= w.len()) {
+        bail!("{name}: entry {i} out of range ({} entries)", w.len());
+    }
+    let old = idx.iter().map(|&i| w[i]).collect();
+    write_entries(model, name, idx, vals)?;
+    Ok(Saved { touched: vec![Touched { name: name.to_string(), idx: idx.to_vec(), old }] })
+}
+
+/// Puts back every entry [`apply`] changed (bitwise).
+pub fn restore(model: &Model, saved: Saved) -> Result<()> {
+    for t in saved.touched.iter().rev() {
+        write_entries(model, &t.name, &t.idx, &t.old)?;
+    }
+    Ok(())
+}
+
+/// A mask selecting flat entries `idx` of parameter `name` of `model`.
+pub fn entries_mask(model: &Model, name: &str, idx: &[usize]) -> Result<Mask> {
+    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let mut m = vec![0u8; var.elem_count()];
+    for &i in idx {
+        if i >= m.len() {
+            bail!("{name}: entry {i} out of range ({} entries)", m.len());
+        }
+        m[i] = 1;
+    }
+    let mut mask = Mask::new();
+    mask.insert(name.to_string(), Tensor::from_vec(m, var.dims(), &Device::Cpu)?);
+    Ok(mask)
+}

@@ -1,0 +1,35 @@
+//! Random control regions: the same number of entries per tensor as a given region, chosen
+//! uniformly without replacement, reproducible from a seed.
+
+use super::{Bits, Region};
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+/// A stable 64-bit hash of a tensor name (FNV-1a), so each tensor's draw depends only on
+/// the seed and its name, not on order or threads.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Exactly `count` of `numel` entries, uniformly chosen.
+pub fn random_bits(shape: &[usize], count: usize, seed: u64) -> Bits {
+    let mut b = Bits::zeros(shape);
+    let n = b.data.len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in rand::seq::index::sample(&mut rng, n, count.min(n)).into_iter() {
+        b.data[i] = 1;
+    }
+    b
+}
+
+/// A region with `like`'s per-tensor counts, uniformly placed, from `seed`.
+pub fn random_like(like: &Region, seed: u64) -> Region {
+    like.par_iter()
+        .map(|(n, b)| {
+            let s = seed ^ name_hash(n).rotate_left(17);
+            (n.clone(), random_bits(&b.shape, b.count() as usize, s))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,111 @@
+//! Reading score files (`DIR/<lang>.safetensors`: f32 tensors keyed by HF name in parameter
+//! shape, metadata `lang`). Files are memory-mapped and read tensor by tensor, so summing
+//! several languages holds only the running sum.
+
+use super::{Dense, Scores};
+use crate::mask::{is_covered, Coverage};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// A memory-mapped score file.
+struct Mapped {
+    map: memmap2::Mmap,
+    lang: String,
+}
+
+fn open(path: &Path) -> Result<Mapped> {
+    let f = std::fs::File::open(path).with_context(|| {
+        if path.exists() {
+            format!("{}: cannot open", path.display())
+        } else {
+            format!("{}: no such file", path.display())
+        }
+    })?;
+    // SAFETY: the file is only read; score files are written atomically (rename), never in place.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let lang = meta.metadata().as_ref().and_then(|m| m.get("lang").cloned()).unwrap_or(stem);
+    Ok(Mapped { map, lang })
+}
+
+/// The language a score file names (metadata `lang`, else the file stem).
+pub fn lang_of(path: &Path) -> Result<String> {
+    Ok(open(path)?.lang)
+}
+
+/// Calls `f(name, shape, |values|)` for every covered tensor of a score file, in parallel.
+fn for_each_abs(path: &Path, cov: Coverage, f: impl Fn(&str, &[usize], Vec<f32>) -> Result<()> + Sync) -> Result<String> {
+    let m = open(path)?;
+    let st = safetensors::SafeTensors::deserialize(&m.map)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let views: Vec<_> = st.tensors().into_iter().filter(|(n, _)| is_covered(n, cov)).collect();
+    if views.is_empty() {
+        bail!("{}: no tensors covered by this region's coverage", path.display());
+    }
+    views.par_iter().try_for_each(|(name, v)| {
+        if v.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: tensor {name} is {:?}, scores must be F32", path.display(), v.dtype());
+        }
+        let vals: Vec<f32> = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
+            .collect();
+        if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+            bail!("{}: tensor {name} has a non-finite score at flat index {i}", path.display());
+        }
+        f(name, v.shape(), vals)
+    })?;
+    Ok(m.lang)
+}
+
+/// The covered |scores| of one file and the language it names.
+pub fn read_abs(path: &Path, cov: Coverage) -> Result<(String, Scores)> {
+    let out = std::sync::Mutex::new(Scores::new());
+    let lang = for_each_abs(path, cov, |n, s, data| {
+        out.lock().unwrap().insert(n.to_string(), Dense { shape: s.to_vec(), data });
+        Ok(())
+    })?;
+    Ok((lang, out.into_inner().unwrap()))
+}
+
+/// Σ over files of |score|, covered tensors only, with each file's language. Every file must
+/// hold the same covered tensor names and shapes; languages must differ.
+pub fn sum_abs(paths: &[impl AsRef<Path>], cov: Coverage) -> Result<(Vec<String>, Scores)> {
+    let Some(first) = paths.first() else { bail!("no score files given (use --scores FILE…)") };
+    let first = first.as_ref();
+    let (lang, acc) = read_abs(first, cov)?;
+    let mut langs = vec![lang];
+    let names: BTreeSet<String> = acc.keys().cloned().collect();
+    let acc = std::sync::Mutex::new(acc);
+    for p in &paths[1..] {
+        let p = p.as_ref();
+        let seen = std::sync::Mutex::new(BTreeSet::new());
+        let lang = for_each_abs(p, cov, |n, s, data| {
+            let mut sum = {
+                let mut g = acc.lock().unwrap();
+                match g.get_mut(n) {
+                    None => bail!("{}: tensor {n} is not in {} (score files of different models?)", p.display(), first.display()),
+                    Some(d) if d.shape != s => bail!("{}: tensor {n} has shape {s:?} but {:?} in {} (score files of different models?)", p.display(), d.shape, first.display()),
+                    Some(d) => std::mem::take(&mut d.data),
+                }
+            };
+            sum.iter_mut().zip(&data).for_each(|(a, b)| *a += b);
+            acc.lock().unwrap().get_mut(n).unwrap().data = sum;
+            seen.lock().unwrap().insert(n.to_string());
+            Ok(())
+        })?;
+        if let Some(n) = names.difference(&seen.into_inner().unwrap()).next() {
+            bail!("{}: has no tensor {n} (which {} has; score files of different models?)", p.display(), first.display());
+        }
+        if langs.contains(&lang) {
+            bail!("{}: language '{lang}' given twice", p.display());
+        }
+        langs.push(lang);
+    }
+    Ok((langs, acc.into_inner().unwrap()))
+}

@@ -1,0 +1,120 @@
+//! Gradient accumulation without an optimizer step: Σ_w ∇θ mean-NLL(window w), in f64.
+//!
+//! Each batch of `b` equal-length windows runs one forward/backward of [`Model::mean_nll`]
+//! (the mean over the batch of the per-window means); its gradient times `b` is the sum of
+//! the windows' gradients, added into an f64 running sum in window order. The model
+//! computes in its own dtype (f32 for loaded checkpoints), so results depend on the batch
+//! size only through that dtype's rounding inside one batch; the running sum itself is
+//! exact enough (f64) not to depend on how many windows it holds or where a run resumed.
+
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
+
+/// The running sum of per-window gradients, one f64 vector per parameter (model order).
+pub struct GradSum {
+    pub sums: Vec<Vec<f64>>,
+    /// Windows added so far.
+    pub windows: usize,
+    /// Tokens in those windows.
+    pub tokens: usize,
+}
+
+impl GradSum {
+    /// An empty sum for `model`'s parameters.
+    pub fn zeros(model: &Model) -> GradSum {
+        let sums = model.params.iter().map(|p| vec![0f64; p.var.elem_count()]).collect();
+        GradSum { sums, windows: 0, tokens: 0 }
+    }
+
+    /// Adds the gradients of windows `wins` of `ids` (all of one length), computed as one batch.
+    pub fn add_batch(&mut self, model: &Model, ids: &[u32], wins: &[Range<usize>]) -> Result<()> {
+        let Some(first) = wins.first() else { return Ok(()) };
+        let t = first.len();
+        if wins.iter().any(|w| w.len() != t) {
+            bail!("windows of one batch must have equal lengths");
+        }
+        let flat: Vec<u32> = wins.iter().flat_map(|w| ids[w.clone()].iter().copied()).collect();
+        let batch = Tensor::from_vec(flat, (wins.len(), t), &Device::Cpu)?;
+        let grads = model.mean_nll(&batch)?.backward()?;
+        let scale = wins.len() as f64;
+        for (sum, p) in self.sums.iter_mut().zip(&model.params) {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                add_scaled(sum, g, scale)?;
+            }
+        }
+        self.windows += wins.len();
+        self.tokens += wins.len() * t;
+        Ok(())
+    }
+}
+
+/// `sum += scale · g`, elementwise in f64, reading `g` in place (no copy) when it is a
+/// contiguous f32/f64 CPU tensor.
+fn add_scaled(sum: &mut [f64], g: &Tensor, scale: f64) -> Result<()> {
+    use candle_core::Storage;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let g = g.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets().context("gradient is not contiguous")?;
+    let Storage::Cpu(cpu) = &*storage else { bail!("gradients must be on the CPU") };
+    match g.dtype() {
+        DType::F64 => {
+            let v = &cpu.as_slice::<f64>()?[start..end];
+            sum.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(s, v)| {
+                s.iter_mut().zip(v).for_each(|(s, v)| *s += scale * v);
+            });
+        }
+        DType::F32 => {
+            let v = &cpu.as_slice::<f32>()?[start..end];
+            sum.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(s, v)| {
+                s.iter_mut().zip(v).for_each(|(s, v)| *s += scale * *v as f64);
+            });
+        }
+        d => {
+            drop(storage);
+            let v = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            sum.iter_mut().zip(v).for_each(|(s, v)| *s += scale * v);
+            let _ = d;
+        }
+    }
+    Ok(())
+}
+
+/// A parameter's values as f64.
+pub fn param_f64(model: &Model, i: usize) -> Result<Vec<f64>> {
+    Ok(model.params[i].var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// θ ⊙ s for parameter `i`, in f64.
+pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
+    Ok(param_f64(model, i)?.iter().zip(s).map(|(t, g)| t * g).collect())
+}
+
+/// The score from θ ⊙ Σg over `windows` windows: |θ ⊙ Σg| / W.
+pub fn score_from_product(product: &[f64], windows: usize) -> Vec<f64> {
+    let w = windows as f64;
+    product.iter().map(|p| (p / w).abs()).collect()
+}
+
+/// Importance of every parameter over `ids` in memory (no files): windows of `seq_len`
+/// (see [`super::windows::windows`]), batches of `batch`; returns (name, |θ ⊙ g|) in f64
+/// with g = (1/W) Σ_w ∇ mean-NLL(window w).
+pub fn importance(model: &Model, ids: &[u32], seq_len: usize, batch: usize) -> Result<Vec<(String, Vec<f64>)>> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let wins = super::windows::windows(ids.len(), seq_len)?;
+    let mut acc = GradSum::zeros(model);
+    for chunk in wins.chunks(batch) {
+        acc.add_batch(model, ids, chunk)?;
+    }
+    model
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok((p.name.clone(), score_from_product(&times_param(model, i, &acc.sums[i])?, acc.windows))))
+        .collect()
+}

@@ -1,0 +1,103 @@
+//! Per-parameter scores: gradient × weight importance (`broca score`, see [`run`] and
+//! [`accumulate`]) and stability, |θ_tuned − θ_base| (`broca score diff`, see [`diff`]).
+//!
+//! A score file is `<lang>.safetensors`: one f32 tensor per parameter in its exact shape,
+//! keyed by HF name, with metadata `lang`, `method`, `tokens`, `seq_len`, `model_sha256`,
+//! `version` (see CONVENTIONS.md). [`load`] reads one back for region selection.
+
+pub mod accumulate;
+pub mod diff;
+pub mod files;
+pub mod run;
+pub mod windows;
+
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `method` of gradient × weight importance.
+pub const METHOD_IMPORTANCE: &str = "importance";
+/// `method` of |θ_tuned − θ_base|.
+pub const METHOD_DIFF: &str = "diff";
+/// `method` of |θ_tuned − θ_base| / (|θ_base| + ε).
+pub const METHOD_DIFF_RELATIVE: &str = "diff-relative";
+
+/// A score file read back.
+pub struct ScoreFile {
+    pub path: PathBuf,
+    /// The `lang` metadata (the language the scores are for, or `diff`).
+    pub lang: String,
+    /// The `method` metadata: `importance`, `diff` or `diff-relative`.
+    pub method: String,
+    /// HF parameter name → scores (f32) in the parameter's shape.
+    pub tensors: HashMap<String, Tensor>,
+    /// All metadata.
+    pub meta: HashMap<String, String>,
+}
+
+/// Reads a score file; it must carry `lang` and `method` metadata.
+pub fn load(path: &Path) -> Result<ScoreFile> {
+    let (tensors, meta) = crate::io::read_safetensors(path)?;
+    let get = |k: &str| {
+        meta.get(k).cloned().with_context(|| format!("{}: not a score file (metadata has no '{k}')", path.display()))
+    };
+    let (lang, method) = (get("lang")?, get("method")?);
+    if method.ends_with("-partial") {
+        bail!("{}: a shard's partial sum, not a score file (run `broca score merge`)", path.display());
+    }
+    Ok(ScoreFile { path: path.to_path_buf(), lang, method, tensors, meta })
+}
+
+impl ScoreFile {
+    /// Checks that the tensor names and shapes are exactly `model`'s parameters.
+    pub fn check_matches(&self, model: &Model) -> Result<()> {
+        for p in &model.params {
+            match self.tensors.get(&p.name) {
+                None => bail!("{}: no tensor {} (scores for another model?)", self.path.display(), p.name),
+                Some(t) if t.dims() != p.var.dims() => bail!(
+                    "{}: tensor {} has shape {:?}, the model's is {:?}",
+                    self.path.display(),
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                ),
+                _ => {}
+            }
+        }
+        if self.tensors.len() != model.params.len() {
+            let extra = self.tensors.keys().find(|n| model.param(n).is_none()).cloned().unwrap_or_default();
+            bail!("{}: tensor {extra} is not a parameter of the model", self.path.display());
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a model: of the GGUF file, or of a checkpoint directory's `model.safetensors`
+/// (for a sharded checkpoint, of its shard files in name order, concatenated).
+pub fn model_sha256(path: &Path) -> Result<String> {
+    if !path.is_dir() {
+        return crate::io::sha256_file(path);
+    }
+    let single = path.join("model.safetensors");
+    if single.exists() {
+        return crate::io::sha256_file(&single);
+    }
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot read directory", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no model.safetensors", path.display());
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        let mut r = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        std::io::copy(&mut r, &mut h)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}

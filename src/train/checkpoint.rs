@@ -1,0 +1,116 @@
+//! Resumable training state under `DIR/checkpoints/step-N/`: the weights as a loadable
+//! checkpoint (`config.json`, `model.safetensors`, `tokenizer.json`), the AdamW moments
+//! (`optimizer.safetensors`, tensors `m.NAME` and `v.NAME`) and `state.json` (step, data
+//! position, RNG seed and epoch, fingerprint of the run's settings, losses and eval points so
+//! far). A checkpoint is written into a temporary directory and renamed into place when
+//! complete.
+
+use super::curves::EvalPoint;
+use super::stream::StreamState;
+use crate::io::{read_safetensors, write_json};
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Everything but the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub stream: StreamState,
+    /// Hash of everything that decides the weights (settings, data, masks, base weights).
+    pub fingerprint: String,
+    /// Mean training loss of each completed step.
+    pub losses: Vec<f64>,
+    pub eval: Vec<EvalPoint>,
+}
+
+/// `DIR/checkpoints`.
+pub fn root(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// Checkpoints present under `out`, as (step, path), oldest first.
+pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let r = root(out);
+    if !r.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&r).with_context(|| format!("{}: cannot read", r.display()))? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+            if p.join("state.json").exists() {
+                v.push((n, p));
+            }
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Writes checkpoint `step-N` atomically and keeps only the newest `keep` (at least 1).
+pub fn save(out: &Path, model: &Model, moments: &[(String, Tensor)], state: &TrainState, keep: usize) -> Result<PathBuf> {
+    let r = root(out);
+    std::fs::create_dir_all(&r).with_context(|| format!("{}: cannot create", r.display()))?;
+    let dest = r.join(format!("step-{}", state.step));
+    let tmp = r.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let res = (|| -> Result<()> {
+        model.save_hf(&tmp)?;
+        crate::model::hf::save_safetensors(&tmp.join("optimizer.safetensors"), moments, None)?;
+        write_json(&tmp.join("state.json"), state)?;
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).with_context(|| format!("{}: cannot replace", dest.display()))?;
+        }
+        std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let all = list(out)?;
+    let keep = keep.max(1);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
+        }
+    }
+    Ok(dest)
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    pub state: TrainState,
+    pub weights: HashMap<String, Tensor>,
+    pub moments: HashMap<String, Tensor>,
+}
+
+/// Reads a checkpoint directory.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let sp = dir.join("state.json");
+    let text = std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
+    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid training state", sp.display()))?;
+    let (weights, _) = read_safetensors(&dir.join("model.safetensors"))?;
+    let (moments, _) = read_safetensors(&dir.join("optimizer.safetensors"))?;
+    Ok(Loaded { state, weights, moments })
+}
+
+/// Sets every parameter of `model` to the checkpoint's weights (exact copy).
+pub fn restore_weights(model: &Model, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+    for p in &model.params {
+        let t = weights.get(&p.name).with_context(|| format!("{}: checkpoint lacks {}", dir.display(), p.name))?;
+        if t.dims() != p.var.dims() {
+            bail!("{}: {} has shape {:?}, the model {:?}", dir.display(), p.name, t.dims(), p.var.dims());
+        }
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    }
+    Ok(())
+}
