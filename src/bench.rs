@@ -35,13 +35,24 @@ pub fn matmul_gflops(n: usize, reps: usize) -> f64 {
         // SAFETY: all three buffers are n×n, row-major, and do not alias.
         unsafe {
             gemm::gemm(
-                n, n, n,
-                c.as_mut_ptr(), 1, n as isize,
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
                 false,
-                a.as_ptr(), 1, n as isize,
-                b.as_ptr(), 1, n as isize,
-                0.0, 1.0,
-                false, false, false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 gemm::Parallelism::Rayon(threads),
             );
         }
@@ -62,18 +73,29 @@ pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
 /// Runs the benchmark on `model` with windows of `seq_len` tokens, `reps` timed runs each.
-pub fn run(model: &Model, name: &str, seq_len: usize, reps: usize) -> Result<BenchResult> {
+/// With `backward` false the forward+backward figures are 0.
+pub fn run(
+    model: &Model,
+    name: &str,
+    seq_len: usize,
+    reps: usize,
+    backward: bool,
+) -> Result<BenchResult> {
     let gflops = matmul_gflops(2048, 5);
-    let ids: Vec<u32> = (0..seq_len).map(|i| ((i * 7919 + 13) % model.config.vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..seq_len)
+        .map(|i| ((i * 7919 + 13) % model.config.vocab_size) as u32)
+        .collect();
     let x = Model::ids_tensor(&ids)?;
     let mut fwd = Vec::new();
     for i in 0..reps + 1 {
@@ -85,7 +107,7 @@ pub fn run(model: &Model, name: &str, seq_len: usize, reps: usize) -> Result<Ben
         }
     }
     let mut fb = Vec::new();
-    for i in 0..reps + 1 {
+    for i in 0..if backward { reps + 1 } else { 0 } {
         let t = Instant::now();
         let loss = model.mean_nll(&x)?;
         let grads = loss.backward()?;
@@ -97,7 +119,11 @@ pub fn run(model: &Model, name: &str, seq_len: usize, reps: usize) -> Result<Ben
     let params = model.num_params();
     let ceiling = gflops * 1e9 / (2.0 * params as f64);
     let f = seq_len as f64 / median(&mut fwd);
-    let b = seq_len as f64 / median(&mut fb);
+    let b = if backward {
+        seq_len as f64 / median(&mut fb)
+    } else {
+        0.0
+    };
     Ok(BenchResult {
         matmul_gflops: gflops,
         forward_tok_s: f,

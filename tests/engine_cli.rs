@@ -24,12 +24,27 @@ fn broca(args: &[&str], cwd: &Path) -> std::process::Output {
 #[test]
 fn generate_knows_the_capital_of_france() {
     let out = broca(
-        &["generate", "--model", asset(SMOLLM).to_str().unwrap(), "--prompt", "The capital of France is", "--max-tokens", "12"],
+        &[
+            "generate",
+            "--model",
+            asset(SMOLLM).to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "12",
+        ],
         &common::root(),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("The capital of France is"), "output: {stdout}");
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("The capital of France is"),
+        "output: {stdout}"
+    );
     assert!(stdout.contains("Paris"), "no Paris in: {stdout}");
 }
 
@@ -52,17 +67,44 @@ fn listing(dir: &Path) -> Vec<PathBuf> {
 /// nothing on stdout, no panic, nothing new in `dir`.
 fn expect_failure(dir: &Path, model: &Path, text: &Path, named: &Path, problem: &str) {
     let before = listing(dir);
-    let out = broca(&["ppl", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--json"], dir);
+    let out = broca(
+        &[
+            "ppl",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--json",
+        ],
+        dir,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "exit code 0; stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let line = stderr.trim_end();
     assert!(!line.contains('\n'), "stderr is not one line: {stderr}");
-    assert!(line.starts_with("error:"), "stderr does not start with 'error:': {stderr}");
-    assert!(!line.contains(".rs:"), "source locations (a backtrace?) in the error: {stderr}");
-    assert!(line.contains(named.to_str().unwrap()), "error does not name {}: {stderr}", named.display());
-    assert!(line.contains(problem), "error does not say '{problem}': {stderr}");
-    assert!(out.stdout.is_empty(), "stdout not empty: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("error:"),
+        "stderr does not start with 'error:': {stderr}"
+    );
+    assert!(
+        !line.contains(".rs:"),
+        "source locations (a backtrace?) in the error: {stderr}"
+    );
+    assert!(
+        line.contains(named.to_str().unwrap()),
+        "error does not name {}: {stderr}",
+        named.display()
+    );
+    assert!(
+        line.contains(problem),
+        "error does not say '{problem}': {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "stdout not empty: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(listing(dir), before, "files appeared in {}", dir.display());
 }
 
@@ -91,7 +133,10 @@ fn random_bytes_are_rejected() {
 }
 
 /// A tiny llama checkpoint directory whose tensors are edited by `edit` before saving.
-fn tiny_checkpoint(dir: &Path, edit: impl FnOnce(&mut Vec<(String, candle_core::Tensor)>)) -> PathBuf {
+fn tiny_checkpoint(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, candle_core::Tensor)>),
+) -> PathBuf {
     let ckpt = dir.join("ckpt");
     let model = Model::random(Config::tiny(Arch::Llama), DType::F32, 3).unwrap();
     model.save_hf(&ckpt).unwrap();
@@ -104,20 +149,37 @@ fn tiny_checkpoint(dir: &Path, edit: impl FnOnce(&mut Vec<(String, candle_core::
 #[test]
 fn checkpoint_missing_a_tensor_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = tiny_checkpoint(dir.path(), |t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"));
+    let ckpt = tiny_checkpoint(dir.path(), |t| {
+        t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+    });
     let file = ckpt.join("model.safetensors");
-    expect_failure(dir.path(), &ckpt, &en(), &file, "missing tensor model.layers.1.mlp.up_proj.weight");
+    expect_failure(
+        dir.path(),
+        &ckpt,
+        &en(),
+        &file,
+        "missing tensor model.layers.1.mlp.up_proj.weight",
+    );
 }
 
 #[test]
 fn checkpoint_with_wrong_shape_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny_checkpoint(dir.path(), |t| {
-        let (_, w) = t.iter_mut().find(|(n, _)| n == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        let (_, w) = t
+            .iter_mut()
+            .find(|(n, _)| n == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
         *w = w.narrow(0, 0, 4).unwrap();
     });
     let file = ckpt.join("model.safetensors");
-    expect_failure(dir.path(), &ckpt, &en(), &file, "model.layers.0.self_attn.k_proj.weight has shape [4, 16]");
+    expect_failure(
+        dir.path(),
+        &ckpt,
+        &en(),
+        &file,
+        "model.layers.0.self_attn.k_proj.weight has shape [4, 16]",
+    );
 }
 
 #[test]
@@ -125,7 +187,10 @@ fn unknown_architecture_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny_checkpoint(dir.path(), |_| {});
     let cfg = ckpt.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "MambaForCausalLM").replace("\"llama\"", "\"mamba\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("LlamaForCausalLM", "MambaForCausalLM")
+        .replace("\"llama\"", "\"mamba\"");
     assert!(text.contains("mamba"));
     std::fs::write(&cfg, text).unwrap();
     expect_failure(dir.path(), &ckpt, &en(), &cfg, "unknown architecture");
@@ -143,7 +208,11 @@ fn empty_text_is_rejected() {
 fn non_utf8_text_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("latin1.txt");
-    std::fs::write(&bad, b"Alle Menschen sind frei und gleich an W\xfcrde und Rechten geboren.\n").unwrap();
+    std::fs::write(
+        &bad,
+        b"Alle Menschen sind frei und gleich an W\xfcrde und Rechten geboren.\n",
+    )
+    .unwrap();
     expect_failure(dir.path(), &asset(SMOLLM), &bad, &bad, "not valid UTF-8");
 }
 

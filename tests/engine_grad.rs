@@ -7,7 +7,13 @@ use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 fn loss(model: &Model, ids: &Tensor) -> f64 {
-    model.token_nll(ids, false).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap()
+    model
+        .token_nll(ids, false)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn check_gradients(arch: Arch, seed: u64) {
@@ -15,7 +21,9 @@ fn check_gradients(arch: Arch, seed: u64) {
     let model = Model::random(cfg.clone(), DType::F64, seed).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // two windows of 9 tokens: exercises batching, GQA, the causal mask and every position
-    let ids: Vec<u32> = (0..18).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
+    let ids: Vec<u32> = (0..18)
+        .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
+        .collect();
     let ids = Tensor::from_vec(ids, (2, 9), &candle_core::Device::Cpu).unwrap();
     let grads = model.mean_nll(&ids).unwrap().backward().unwrap();
     let eps = 1e-5;
@@ -36,14 +44,29 @@ fn check_gradients(arch: Arch, seed: u64) {
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
         let mut entries = order[..2.min(g.len())].to_vec();
-        let big: Vec<usize> = order.iter().copied().filter(|&i| g[i].abs() > 1e-3 * gmax).collect();
+        let big: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| g[i].abs() > 1e-3 * gmax)
+            .collect();
         for _ in 0..3 {
             entries.push(big[rng.gen_range(0..big.len())]);
         }
-        let original = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let original = p
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let shape = p.var.shape().clone();
         let at = |w: &[f64]| {
-            p.var.set(&Tensor::from_vec(w.to_vec(), shape.clone(), &candle_core::Device::Cpu).unwrap()).unwrap();
+            p.var
+                .set(
+                    &Tensor::from_vec(w.to_vec(), shape.clone(), &candle_core::Device::Cpu)
+                        .unwrap(),
+                )
+                .unwrap();
             loss(&model, &ids)
         };
         for e in entries {
@@ -54,15 +77,29 @@ fn check_gradients(arch: Arch, seed: u64) {
             let minus = at(&w);
             let numeric = (plus - minus) / (2.0 * eps);
             let err = (g[e] - numeric).abs() / g[e].abs().max(numeric.abs());
-            if !(err < 1e-4) {
-                errors.push(format!("{}[{e}]: autograd {:.8e}, finite difference {numeric:.8e}, rel err {err:.2e}", p.name, g[e]));
+            if err.is_nan() || err >= 1e-4 {
+                errors.push(format!(
+                    "{}[{e}]: autograd {:.8e}, finite difference {numeric:.8e}, rel err {err:.2e}",
+                    p.name, g[e]
+                ));
             }
             checked += 1;
         }
         at(&original);
-        kinds.insert(p.name.split('.').filter(|s| s.parse::<usize>().is_err()).collect::<Vec<_>>().join("."));
+        kinds.insert(
+            p.name
+                .split('.')
+                .filter(|s| s.parse::<usize>().is_err())
+                .collect::<Vec<_>>()
+                .join("."),
+        );
     }
-    assert!(errors.is_empty(), "{arch:?}: {} of {checked} entries disagree:\n{}", errors.len(), errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{arch:?}: {} of {checked} entries disagree:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
     // embed, 2 layer norms, q/k/v/o, gate/up/down, final norm (+ q/k/v biases and lm_head for qwen2)
     let expected = if arch == Arch::Qwen2 { 15 } else { 11 };
     assert_eq!(kinds.len(), expected, "parameter kinds checked: {kinds:?}");

@@ -31,15 +31,25 @@ fn smollm2_q_k_are_unpermuted_gguf_tensors() {
     let mut differs_from_raw = false;
     for l in 0..c.num_layers {
         for (w, heads) in [("q", c.num_heads), ("k", c.num_kv_heads)] {
-            let raw: Vec<Vec<f32>> = g.tensor_f32(&format!("blk.{l}.attn_{w}.weight")).unwrap().to_vec2().unwrap();
+            let raw: Vec<Vec<f32>> = g
+                .tensor_f32(&format!("blk.{l}.attn_{w}.weight"))
+                .unwrap()
+                .to_vec2()
+                .unwrap();
             let name = format!("model.layers.{l}.self_attn.{w}_proj.weight");
             let loaded: Vec<Vec<f32>> = model.param(&name).unwrap().as_tensor().to_vec2().unwrap();
             assert_eq!(raw.len(), heads * c.head_dim, "{name}: rows");
-            assert!(loaded == unpermute_by_loops(&raw, heads), "{name} is not the un-permuted GGUF tensor");
+            assert!(
+                loaded == unpermute_by_loops(&raw, heads),
+                "{name} is not the un-permuted GGUF tensor"
+            );
             differs_from_raw |= loaded != raw;
         }
     }
-    assert!(differs_from_raw, "un-permuting changed nothing: the check would be vacuous");
+    assert!(
+        differs_from_raw,
+        "un-permuting changed nothing: the check would be vacuous"
+    );
 }
 
 #[test]
@@ -55,9 +65,16 @@ fn saved_hf_checkpoint_reloads_to_same_ppl() {
     let text = read(&fixture("udhr-en.txt"));
     let ids = model.tokenizer().unwrap().encode(&text).unwrap();
     let ids2 = reloaded.tokenizer().unwrap().encode(&text).unwrap();
-    assert_eq!(ids, ids2, "tokenizer.json gives other ids than the GGUF tokenizer");
-    let a = perplexity(model, "en", &ids[..128], 128, 128, |_| {}).unwrap().ppl;
-    let b = perplexity(&reloaded, "en", &ids2[..128], 128, 128, |_| {}).unwrap().ppl;
+    assert_eq!(
+        ids, ids2,
+        "tokenizer.json gives other ids than the GGUF tokenizer"
+    );
+    let a = perplexity(model, "en", &ids[..128], 128, 128, |_| {})
+        .unwrap()
+        .ppl;
+    let b = perplexity(&reloaded, "en", &ids2[..128], 128, 128, |_| {})
+        .unwrap()
+        .ppl;
     // f32 weights are written bit for bit, so the forward is identical
     assert_eq!(a, b, "PPL before save {a}, after reload {b}");
 }

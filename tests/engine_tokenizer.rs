@@ -20,11 +20,34 @@ fn check_chunked_encoding(tok: &Tokenizer, model: &str) {
         let text = read(&asset(&format!("bible/{lang}.txt")));
         let text = prefix(&text, 200_000);
         let chunked = tok.encode(text).unwrap();
-        let whole: Vec<u32> = tok.bos.into_iter().chain(tok.inner.encode(text, false).unwrap().get_ids().iter().copied()).collect();
-        assert!(whole.len() > 10_000, "{model} {lang}: only {} tokens", whole.len());
+        let whole: Vec<u32> = tok
+            .bos
+            .into_iter()
+            .chain(
+                tok.inner
+                    .encode(text, false)
+                    .unwrap()
+                    .get_ids()
+                    .iter()
+                    .copied(),
+            )
+            .collect();
+        assert!(
+            whole.len() > 10_000,
+            "{model} {lang}: only {} tokens",
+            whole.len()
+        );
         if chunked != whole {
-            let at = chunked.iter().zip(&whole).position(|(a, b)| a != b).unwrap_or(chunked.len().min(whole.len()));
-            panic!("{model} bible/{lang}: chunked encoding ({} ids) differs from one-piece ({} ids) at id {at}", chunked.len(), whole.len());
+            let at = chunked
+                .iter()
+                .zip(&whole)
+                .position(|(a, b)| a != b)
+                .unwrap_or(chunked.len().min(whole.len()));
+            panic!(
+                "{model} bible/{lang}: chunked encoding ({} ids) differs from one-piece ({} ids) at id {at}",
+                chunked.len(),
+                whole.len()
+            );
         }
     }
 }
@@ -43,11 +66,21 @@ fn qwen2_chunked_encoding_is_exact() {
 fn decode_inverts_encode() {
     for model in [SMOLLM, QWEN] {
         let tok = gguf_tokenizer(model);
-        for name in ["udhr-en.txt", "udhr-zh.txt", "udhr-ar.txt", "udhr-ru.txt", "udhr-de.txt"] {
+        for name in [
+            "udhr-en.txt",
+            "udhr-zh.txt",
+            "udhr-ar.txt",
+            "udhr-ru.txt",
+            "udhr-de.txt",
+        ] {
             let text = read(&fixture(name));
             let ids = tok.encode(&text).unwrap();
             let ids = &ids[tok.bos.is_some() as usize..];
-            assert_eq!(tok.decode(ids).unwrap(), text, "{model} {name}: decode(encode(x)) != x");
+            assert_eq!(
+                tok.decode(ids).unwrap(),
+                text,
+                "{model} {name}: decode(encode(x)) != x"
+            );
         }
     }
 }

@@ -20,8 +20,18 @@ fn bits(model: &Model) -> Vec<(String, Vec<u64>)> {
         .map(|p| {
             let t = p.var.as_tensor().flatten_all().unwrap();
             let b = match t.dtype() {
-                DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits() as u64).collect(),
-                DType::F64 => t.to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect(),
+                DType::F32 => t
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u64)
+                    .collect(),
+                DType::F64 => t
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
                 d => panic!("unexpected dtype {d:?}"),
             };
             (p.name.clone(), b)
@@ -34,17 +44,35 @@ fn random_mask(model: &Model, seed: u64) -> Mask {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut m = Mask::new();
     for p in &model.params {
-        if !(p.name.contains("layers.0.") || p.name.contains("layers.1.mlp") || p.name == "model.norm.weight") {
+        if !(p.name.contains("layers.0.")
+            || p.name.contains("layers.1.mlp")
+            || p.name == "model.norm.weight")
+        {
             continue;
         }
-        let v: Vec<u8> = (0..p.var.elem_count()).map(|_| (rng.gen::<f64>() < 0.2) as u8).collect();
-        m.insert(p.name.clone(), Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap());
+        let v: Vec<u8> = (0..p.var.elem_count())
+            .map(|_| (rng.gen::<f64>() < 0.2) as u8)
+            .collect();
+        m.insert(
+            p.name.clone(),
+            Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap(),
+        );
     }
     m
 }
 
 fn all_ops() -> Vec<Op> {
-    ["zero", "randomize", "randomize-uniform", "scale:10", "scale:-0.5", "noise:0.1"].iter().map(|s| s.parse().unwrap()).collect()
+    [
+        "zero",
+        "randomize",
+        "randomize-uniform",
+        "scale:10",
+        "scale:-0.5",
+        "noise:0.1",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect()
 }
 
 #[test]
@@ -53,7 +81,10 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
         let model = tiny(dtype);
         let before = bits(&model);
         let mask = random_mask(&model, 11);
-        let n_masked: usize = mask.values().map(|t| ops::mask_indices(t).unwrap().len()).sum();
+        let n_masked: usize = mask
+            .values()
+            .map(|t| ops::mask_indices(t).unwrap().len())
+            .sum();
         for op in all_ops() {
             let saved = ops::apply(&model, &mask, &op, 5).unwrap();
             assert_eq!(saved.count(), n_masked);
@@ -61,8 +92,10 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
             // only masked entries may change, and (for these ops) most of them do
             let mut changed = 0;
             for ((name, a), (_, b)) in before.iter().zip(&during) {
-                let idx: std::collections::HashSet<usize> =
-                    mask.get(name).map(|t| ops::mask_indices(t).unwrap().into_iter().collect()).unwrap_or_default();
+                let idx: std::collections::HashSet<usize> = mask
+                    .get(name)
+                    .map(|t| ops::mask_indices(t).unwrap().into_iter().collect())
+                    .unwrap_or_default();
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
                     if x != y {
                         assert!(idx.contains(&i), "{op}: unmasked entry {name}[{i}] changed");
@@ -70,9 +103,15 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
                     }
                 }
             }
-            assert!(changed * 10 >= n_masked * 9, "{op}: only {changed} of {n_masked} entries changed");
+            assert!(
+                changed * 10 >= n_masked * 9,
+                "{op}: only {changed} of {n_masked} entries changed"
+            );
             ops::restore(&model, saved).unwrap();
-            assert!(bits(&model) == before, "{op} ({dtype:?}): restore is not bitwise exact");
+            assert!(
+                bits(&model) == before,
+                "{op} ({dtype:?}): restore is not bitwise exact"
+            );
         }
     }
 }
@@ -85,7 +124,10 @@ fn zero_and_scale_set_the_expected_values() {
     let mask = ops::entries_mask(&model, name, &[0, 5, 17]).unwrap();
     let s = ops::apply(&model, &mask, &"scale:4".parse().unwrap(), 0).unwrap();
     let v = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
-    assert_eq!((v[0], v[5], v[17], v[1]), (w[0] * 4.0, w[5] * 4.0, w[17] * 4.0, w[1]));
+    assert_eq!(
+        (v[0], v[5], v[17], v[1]),
+        (w[0] * 4.0, w[5] * 4.0, w[17] * 4.0, w[1])
+    );
     ops::restore(&model, s).unwrap();
     let s = ops::apply(&model, &mask, &Op::Zero, 0).unwrap();
     let v = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
@@ -113,8 +155,14 @@ fn seeded_randomize_is_reproducible_and_matches_the_tensor_statistics() {
         assert_eq!(a, draw(&op, 42), "{op}: same seed, different values");
         assert_ne!(a, draw(&op, 43), "{op}: different seeds, same values");
         let (m, s) = ops::mean_std(&a);
-        assert!((m - m0).abs() < 0.1 * s0, "{op}: mean {m} vs tensor mean {m0}");
-        assert!((s / s0 - 1.0).abs() < 0.1, "{op}: std {s} vs tensor std {s0}");
+        assert!(
+            (m - m0).abs() < 0.1 * s0,
+            "{op}: mean {m} vs tensor mean {m0}"
+        );
+        assert!(
+            (s / s0 - 1.0).abs() < 0.1,
+            "{op}: std {s} vs tensor std {s0}"
+        );
     }
     // uniform stays within mean ± sqrt(3)·std
     let u = draw(&Op::RandomizeUniform, 1);
@@ -125,8 +173,16 @@ fn seeded_randomize_is_reproducible_and_matches_the_tensor_statistics() {
 fn op_parsing_accepts_the_forms_and_rejects_the_rest() {
     assert_eq!("scale:10".parse::<Op>().unwrap(), Op::Scale(10.0));
     assert_eq!("noise:0.5".parse::<Op>().unwrap(), Op::Noise(0.5));
-    assert_eq!(ops::parse_ops(&["zero,randomize".into()]).unwrap(), vec![Op::Zero, Op::Randomize]);
-    for (bad, msg) in [("explode", "unknown op"), ("scale", "needs a value"), ("scale:x", "not a number"), ("noise:-1", "negative")] {
+    assert_eq!(
+        ops::parse_ops(&["zero,randomize".into()]).unwrap(),
+        vec![Op::Zero, Op::Randomize]
+    );
+    for (bad, msg) in [
+        ("explode", "unknown op"),
+        ("scale", "needs a value"),
+        ("scale:x", "not a number"),
+        ("noise:-1", "negative"),
+    ] {
         let e = bad.parse::<Op>().unwrap_err().to_string();
         assert!(e.contains(msg), "'{bad}' gave '{e}'");
     }
@@ -146,28 +202,47 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
         let mut ts = Vec::new();
         for p in &model.params {
             // coarse values so that ties occur
-            let v: Vec<f32> = (0..p.var.elem_count()).map(|_| rng.gen_range(-3i32..=3) as f32).collect();
-            let acc = sum.entry(p.name.clone()).or_insert_with(|| vec![0.0; v.len()]);
+            let v: Vec<f32> = (0..p.var.elem_count())
+                .map(|_| rng.gen_range(-3i32..=3) as f32)
+                .collect();
+            let acc = sum
+                .entry(p.name.clone())
+                .or_insert_with(|| vec![0.0; v.len()]);
             acc.iter_mut().zip(&v).for_each(|(a, x)| *a += x.abs());
-            ts.push((p.name.clone(), Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap()));
+            ts.push((
+                p.name.clone(),
+                Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap(),
+            ));
             shapes.insert(p.name.clone(), p.var.dims().to_vec());
         }
         let path = dir.path().join(format!("l{f}.safetensors"));
         broca::model::hf::save_safetensors(&path, &ts, None).unwrap();
         files.push(path);
     }
-    let region_shapes: BTreeMap<String, Vec<usize>> = region.keys().map(|n| (n.clone(), shapes[n].clone())).collect();
+    let region_shapes: BTreeMap<String, Vec<usize>> = region
+        .keys()
+        .map(|n| (n.clone(), shapes[n].clone()))
+        .collect();
     let scores = select::summed_abs_scores(&files, &region_shapes).unwrap();
     for (n, s) in &scores {
         assert_eq!(s, &sum[n], "{n}: summed |score| wrong");
     }
     for kind in [Control::Random, Control::Bottom, Control::Top] {
         let c = select::control(&region, kind, Some(&scores), 4).unwrap();
-        assert_eq!(c.keys().collect::<Vec<_>>(), region.keys().collect::<Vec<_>>());
+        assert_eq!(
+            c.keys().collect::<Vec<_>>(),
+            region.keys().collect::<Vec<_>>()
+        );
         for (n, m) in &region {
             let want = ops::mask_indices(m).unwrap().len();
             let got = ops::mask_indices(&c[n]).unwrap();
-            assert_eq!(got.len(), want, "{}: {n} has {} entries, region has {want}", kind.label("r"), got.len());
+            assert_eq!(
+                got.len(),
+                want,
+                "{}: {n} has {} entries, region has {want}",
+                kind.label("r"),
+                got.len()
+            );
             if kind != Control::Random {
                 // brute force: sort by (score, index), ascending for bottom, descending for top
                 let s = &scores[n];
@@ -186,7 +261,11 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
     let a = select::control(&region, Control::Random, None, 4).unwrap();
     let b = select::control(&region, Control::Random, None, 4).unwrap();
     let c = select::control(&region, Control::Random, None, 5).unwrap();
-    let idx = |m: &Mask| m.values().map(|t| ops::mask_indices(t).unwrap()).collect::<Vec<_>>();
+    let idx = |m: &Mask| {
+        m.values()
+            .map(|t| ops::mask_indices(t).unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(idx(&a), idx(&b));
     assert_ne!(idx(&a), idx(&c));
     assert!(select::control(&region, Control::Top, None, 0).is_err());

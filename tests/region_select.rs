@@ -35,8 +35,18 @@ fn random_scores(seed: u64, ties: bool) -> Scores {
         .enumerate()
         .map(|(i, s)| {
             let n: usize = s.iter().product();
-            let data = if ties { tied_values(n, &mut r) } else { (0..n).map(|_| r.gen::<f32>()).collect() };
-            (format!("model.layers.{i}.w"), Dense { shape: s.to_vec(), data })
+            let data = if ties {
+                tied_values(n, &mut r)
+            } else {
+                (0..n).map(|_| r.gen::<f32>()).collect()
+            };
+            (
+                format!("model.layers.{i}.w"),
+                Dense {
+                    shape: s.to_vec(),
+                    data,
+                },
+            )
         })
         .collect()
 }
@@ -44,12 +54,19 @@ fn random_scores(seed: u64, ties: bool) -> Scores {
 /// Brute force: sort every (value, tensor, index) by value (descending for top), then tensor,
 /// then index, and take the first `count`.
 fn brute_select(values: &[&[f32]], count: usize, dir: Direction) -> Vec<Vec<u8>> {
-    let mut all: Vec<(f32, usize, usize)> =
-        values.iter().enumerate().flat_map(|(t, v)| v.iter().enumerate().map(move |(i, &x)| (x, t, i))).collect();
+    let mut all: Vec<(f32, usize, usize)> = values
+        .iter()
+        .enumerate()
+        .flat_map(|(t, v)| v.iter().enumerate().map(move |(i, &x)| (x, t, i)))
+        .collect();
     all.sort_by(|a, b| {
         let c = a.0.total_cmp(&b.0);
-        let c = if dir == Direction::Top { c.reverse() } else { c };
-        c.then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2))
+        let c = if dir == Direction::Top {
+            c.reverse()
+        } else {
+            c
+        };
+        c.then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
     });
     let mut out: Vec<Vec<u8>> = values.iter().map(|v| vec![0; v.len()]).collect();
     for &(_, t, i) in &all[..count] {
@@ -61,15 +78,28 @@ fn brute_select(values: &[&[f32]], count: usize, dir: Direction) -> Vec<Vec<u8>>
 fn brute_region(scores: &Scores, k: f64, dir: Direction, scope: Scope) -> Region {
     let values: Vec<&[f32]> = scores.values().map(|d| d.data.as_slice()).collect();
     let masks = match scope {
-        Scope::PerTensor => {
-            values.iter().map(|v| brute_select(&[v], region_size(k, v.len() as u64) as usize, dir).remove(0)).collect()
-        }
+        Scope::PerTensor => values
+            .iter()
+            .map(|v| brute_select(&[v], region_size(k, v.len() as u64) as usize, dir).remove(0))
+            .collect(),
         Scope::Global => {
             let total: usize = values.iter().map(|v| v.len()).sum();
             brute_select(&values, region_size(k, total as u64) as usize, dir)
         }
     };
-    scores.iter().zip(masks).map(|((n, d), data)| (n.clone(), Bits { shape: d.shape.clone(), data })).collect()
+    scores
+        .iter()
+        .zip(masks)
+        .map(|((n, d), data)| {
+            (
+                n.clone(),
+                Bits {
+                    shape: d.shape.clone(),
+                    data,
+                },
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -85,7 +115,11 @@ fn region_sizes_are_exactly_floor_k_numel_per_tensor() {
             }
             let g = select(&scores, k, dir, Scope::Global);
             let total: usize = scores.values().map(|d| d.data.len()).sum();
-            assert_eq!(region::total_count(&g), (k * total as f64).floor() as u64, "global k={k}");
+            assert_eq!(
+                region::total_count(&g),
+                (k * total as f64).floor() as u64,
+                "global k={k}"
+            );
         }
     }
 }
@@ -113,7 +147,15 @@ fn ties_go_to_the_lower_flat_index_across_tensors() {
     // every value equal: top and bottom both take the first entries in name order
     let scores: Scores = [("a", 5usize), ("b", 5)]
         .iter()
-        .map(|(n, len)| (n.to_string(), Dense { shape: vec![*len], data: vec![1.0; *len] }))
+        .map(|(n, len)| {
+            (
+                n.to_string(),
+                Dense {
+                    shape: vec![*len],
+                    data: vec![1.0; *len],
+                },
+            )
+        })
         .collect();
     for dir in [Direction::Top, Direction::Bottom] {
         let g = select(&scores, 0.7, dir, Scope::Global);
@@ -128,9 +170,18 @@ fn ties_go_to_the_lower_flat_index_across_tensors() {
 fn write_scores(path: &Path, lang: &str, scores: &Scores) {
     let tensors: Vec<(String, Tensor)> = scores
         .iter()
-        .map(|(n, d)| (n.clone(), Tensor::from_vec(d.data.clone(), d.shape.as_slice(), &Device::Cpu).unwrap()))
+        .map(|(n, d)| {
+            (
+                n.clone(),
+                Tensor::from_vec(d.data.clone(), d.shape.as_slice(), &Device::Cpu).unwrap(),
+            )
+        })
         .collect();
-    let meta: HashMap<String, String> = [("lang".to_string(), lang.to_string()), ("method".to_string(), "test".to_string())].into();
+    let meta: HashMap<String, String> = [
+        ("lang".to_string(), lang.to_string()),
+        ("method".to_string(), "test".to_string()),
+    ]
+    .into();
     broca::model::hf::save_safetensors(path, &tensors, Some(meta)).unwrap();
 }
 
@@ -141,7 +192,13 @@ fn score_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<Scores>) {
     let mut all = Vec::new();
     for (i, lang) in ["ar", "es", "zh"].iter().enumerate() {
         let mut s = random_scores(500 + i as u64, true);
-        s.insert("model.embed_tokens.weight".into(), Dense { shape: vec![4, 3], data: vec![9.0; 12] });
+        s.insert(
+            "model.embed_tokens.weight".into(),
+            Dense {
+                shape: vec![4, 3],
+                data: vec![9.0; 12],
+            },
+        );
         let p = dir.join(format!("file{i}.safetensors"));
         write_scores(&p, lang, &s);
         s.remove("model.embed_tokens.weight");
@@ -152,7 +209,17 @@ fn score_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<Scores>) {
 }
 
 fn abs_scores(s: &Scores) -> Scores {
-    s.iter().map(|(n, d)| (n.clone(), Dense { shape: d.shape.clone(), data: d.data.iter().map(|x| x.abs()).collect() })).collect()
+    s.iter()
+        .map(|(n, d)| {
+            (
+                n.clone(),
+                Dense {
+                    shape: d.shape.clone(),
+                    data: d.data.iter().map(|x| x.abs()).collect(),
+                },
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -165,7 +232,10 @@ fn core_from_files_sums_abs_scores_and_skips_uncovered() {
     for (n, d) in &sum {
         for (i, &v) in d.data.iter().enumerate() {
             let want: f32 = all.iter().map(|s| s[n].data[i].abs()).sum();
-            assert!((v - want).abs() <= 1e-6 * want.max(1.0), "{n}[{i}]: {v} vs {want}");
+            assert!(
+                (v - want).abs() <= 1e-6 * want.max(1.0),
+                "{n}[{i}]: {v} vs {want}"
+            );
         }
     }
     let (_, with_all) = region::scores::sum_abs(&paths, Coverage::All).unwrap();
@@ -178,9 +248,13 @@ fn mono_equals_own_top_minus_union_of_others_by_brute_force() {
     let (paths, all) = score_files(dir.path());
     for (t, target) in ["ar", "es", "zh"].iter().enumerate() {
         for k in [0.05, 0.2] {
-            let (langs, got) = region::mono::mono(&paths, target, k, Coverage::Layers, Scope::PerTensor).unwrap();
+            let (langs, got) =
+                region::mono::mono(&paths, target, k, Coverage::Layers, Scope::PerTensor).unwrap();
             assert_eq!(langs.len(), 3);
-            let tops: Vec<Region> = all.iter().map(|s| brute_region(&abs_scores(s), k, Direction::Top, Scope::PerTensor)).collect();
+            let tops: Vec<Region> = all
+                .iter()
+                .map(|s| brute_region(&abs_scores(s), k, Direction::Top, Scope::PerTensor))
+                .collect();
             for (n, b) in &got {
                 for i in 0..b.data.len() {
                     let own = tops[t][n].data[i] == 1;
@@ -190,7 +264,9 @@ fn mono_equals_own_top_minus_union_of_others_by_brute_force() {
             }
         }
     }
-    let err = region::mono::mono(&paths, "ko", 0.1, Coverage::Layers, Scope::PerTensor).unwrap_err().to_string();
+    let err = region::mono::mono(&paths, "ko", 0.1, Coverage::Layers, Scope::PerTensor)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("ko") && err.contains("ar, es, zh"), "{err}");
 }
 
@@ -199,22 +275,45 @@ fn score_files_of_different_layouts_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, _) = score_files(dir.path());
     let mut s = random_scores(9, false);
-    s.insert("model.layers.0.w".into(), Dense { shape: vec![13, 7], data: vec![1.0; 91] });
+    s.insert(
+        "model.layers.0.w".into(),
+        Dense {
+            shape: vec![13, 7],
+            data: vec![1.0; 91],
+        },
+    );
     let odd = dir.path().join("odd.safetensors");
     write_scores(&odd, "ru", &s);
-    let err = region::scores::sum_abs(&[paths[0].clone(), odd.clone()], Coverage::Layers).unwrap_err().to_string();
-    assert!(err.contains("odd.safetensors") && err.contains("model.layers.0.w") && err.contains("shape"), "{err}");
+    let err = region::scores::sum_abs(&[paths[0].clone(), odd.clone()], Coverage::Layers)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("odd.safetensors")
+            && err.contains("model.layers.0.w")
+            && err.contains("shape"),
+        "{err}"
+    );
 }
 
 fn random_region(seed: u64, p: f64) -> Region {
     let mut r = rng(seed);
-    [("model.layers.0.a", vec![9, 11]), ("model.layers.0.b", vec![30]), ("model.layers.1.c", vec![5, 5])]
-        .into_iter()
-        .map(|(n, s)| {
-            let len: usize = s.iter().product();
-            (n.to_string(), Bits { shape: s, data: (0..len).map(|_| r.gen_bool(p) as u8).collect() })
-        })
-        .collect()
+    [
+        ("model.layers.0.a", vec![9, 11]),
+        ("model.layers.0.b", vec![30]),
+        ("model.layers.1.c", vec![5, 5]),
+    ]
+    .into_iter()
+    .map(|(n, s)| {
+        let len: usize = s.iter().product();
+        (
+            n.to_string(),
+            Bits {
+                shape: s,
+                data: (0..len).map(|_| r.gen_bool(p) as u8).collect(),
+            },
+        )
+    })
+    .collect()
 }
 
 #[test]
@@ -231,15 +330,29 @@ fn random_like_has_exact_counts_and_is_seed_reproducible() {
         assert!(a[n].data.iter().all(|&v| v <= 1));
     }
     // uniform: over many seeds every entry of a 30-entry tensor with 9 picked is chosen ~30%
-    let one: Region = [("x".to_string(), Bits { shape: vec![30], data: [vec![1u8; 9], vec![0; 21]].concat() })].into();
+    let one: Region = [(
+        "x".to_string(),
+        Bits {
+            shape: vec![30],
+            data: [vec![1u8; 9], vec![0; 21]].concat(),
+        },
+    )]
+    .into();
     let mut hits = [0u32; 30];
     for s in 0..4000 {
-        for (i, &v) in region::random::random_like(&one, s)["x"].data.iter().enumerate() {
+        for (i, &v) in region::random::random_like(&one, s)["x"]
+            .data
+            .iter()
+            .enumerate()
+        {
             hits[i] += v as u32;
         }
     }
     for (i, &h) in hits.iter().enumerate() {
-        assert!((1000..1400).contains(&h), "entry {i} chosen {h} times of 4000 (expected ~1200)");
+        assert!(
+            (1000..1400).contains(&h),
+            "entry {i} chosen {h} times of 4000 (expected ~1200)"
+        );
     }
 }
 
@@ -285,10 +398,20 @@ fn masks_of_different_layouts_are_refused() {
     let a = random_region(1, 0.5);
     let mut b = a.clone();
     b.insert("model.layers.0.b".into(), Bits::zeros(&[31]));
-    let err = region::check_same_layout(&a, &b, "A.safetensors", "B.safetensors").unwrap_err().to_string();
-    assert!(err.contains("B.safetensors") && err.contains("model.layers.0.b") && err.contains("[31]"), "{err}");
+    let err = region::check_same_layout(&a, &b, "A.safetensors", "B.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("B.safetensors") && err.contains("model.layers.0.b") && err.contains("[31]"),
+        "{err}"
+    );
     let mut c = a.clone();
     c.remove("model.layers.1.c");
-    let err = region::check_same_layout(&a, &c, "A.safetensors", "C.safetensors").unwrap_err().to_string();
-    assert!(err.contains("C.safetensors") && err.contains("model.layers.1.c"), "{err}");
+    let err = region::check_same_layout(&a, &c, "A.safetensors", "C.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("C.safetensors") && err.contains("model.layers.1.c"),
+        "{err}"
+    );
 }

@@ -144,7 +144,7 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
         let norm = gs.iter().zip(&fr).flat_map(|(g, f)| g.iter().zip(f).filter(|(_, &f)| f == 0).map(|(x, _)| (0.5 * x) * (0.5 * x))).sum::<f64>().sqrt();
         let clip = if norm > 0.5 { 0.5 / (norm + 1e-6) } else { 1.0 };
         clipped += (clip < 1.0) as usize;
-        let stats = opt.step(&model.params, &g, lr, 0.5).unwrap();
+        let stats = opt.step(&model.params, g.clone(), lr, 0.5).unwrap();
         assert!((stats.grad_norm - norm).abs() <= 1e-12 * norm, "grad norm {} vs {norm}", stats.grad_norm);
         for (i, p) in model.params.iter().enumerate() {
             let decay = !(p.name.ends_with(".bias") || p.name.contains("norm"));

@@ -85,7 +85,10 @@ fn load_regions(values: &[String], model: &Model) -> Result<Vec<(String, Mask)>>
 
 pub fn run(a: AblateArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
-    let controls: Vec<Control> = data::split_values(&a.controls).iter().map(|c| Control::parse(c)).collect::<Result<_>>()?;
+    let controls: Vec<Control> = data::split_values(&a.controls)
+        .iter()
+        .map(|c| Control::parse(c))
+        .collect::<Result<_>>()?;
     let needs_scores = controls.iter().any(|c| *c != Control::Random);
     let inputs = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
     for t in &inputs {
@@ -94,7 +97,10 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let regions = load_regions(&a.region, &model)?;
     let scores = if needs_scores {
-        let files: Vec<PathBuf> = data::split_values(&a.scores).into_iter().map(PathBuf::from).collect();
+        let files: Vec<PathBuf> = data::split_values(&a.scores)
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
         let mut shapes = BTreeMap::new();
         for (_, m) in &regions {
             for (n, t) in m {
@@ -112,7 +118,12 @@ pub fn run(a: AblateArgs) -> Result<()> {
     for (name, m) in &regions {
         let ctrl: Vec<(String, Mask)> = controls
             .iter()
-            .map(|c| Ok((c.label(name), select::control(m, *c, scores.as_ref(), a.seed)?)))
+            .map(|c| {
+                Ok((
+                    c.label(name),
+                    select::control(m, *c, scores.as_ref(), a.seed)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         for op in &ops {
             conds.push((name.clone(), Some(op.clone()), Some(m.clone())));
@@ -135,7 +146,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
             .map(|(lang, ids)| {
                 let r = eval::perplexity(&model, lang, ids, a.seq_len, a.seq_len, |_| {})?;
                 pb.inc(1);
-                Ok(LangResult { lang: lang.clone(), ppl: r.ppl, bits_per_byte: r.bits_per_byte })
+                Ok(LangResult {
+                    lang: lang.clone(),
+                    ppl: r.ppl,
+                    bits_per_byte: r.bits_per_byte,
+                })
             })
             .collect();
         if let Some(s) = saved {
@@ -143,7 +158,13 @@ pub fn run(a: AblateArgs) -> Result<()> {
         }
         let results = res?;
         let g = geomean(&results.iter().map(|r| r.ppl).collect::<Vec<_>>());
-        out.push(Condition { condition: label.clone(), op: opname, geomean_ppl: g, ratio_to_base: 0.0, results });
+        out.push(Condition {
+            condition: label.clone(),
+            op: opname,
+            geomean_ppl: g,
+            ratio_to_base: 0.0,
+            results,
+        });
     }
     pb.finish_and_clear();
     let base = out[0].geomean_ppl;
@@ -164,13 +185,22 @@ pub fn run(a: AblateArgs) -> Result<()> {
 
 fn print_table(o: &Output) {
     println!("model: {}  (PPL per language; token-weighted)", o.model);
-    let mut head = format!("{:<22} {:<18} {:>12} {:>9}", "condition", "op", "geomean_ppl", "ratio");
+    let mut head = format!(
+        "{:<22} {:<18} {:>12} {:>9}",
+        "condition", "op", "geomean_ppl", "ratio"
+    );
     for l in &o.languages {
         head.push_str(&format!(" {l:>9}"));
     }
     println!("{head}");
     for c in &o.conditions {
-        let mut row = format!("{:<22} {:<18} {:>12} {:>9.3}", c.condition, c.op, fmt_ppl(c.geomean_ppl), c.ratio_to_base);
+        let mut row = format!(
+            "{:<22} {:<18} {:>12} {:>9.3}",
+            c.condition,
+            c.op,
+            fmt_ppl(c.geomean_ppl),
+            c.ratio_to_base
+        );
         for r in &c.results {
             row.push_str(&format!(" {:>9}", fmt_ppl(r.ppl)));
         }

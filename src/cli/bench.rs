@@ -17,6 +17,9 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Measure the forward only (forward+backward reported as 0).
+    #[arg(long)]
+    pub skip_backward: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -24,15 +27,32 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
-    let name = a.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    let r = bench::run(&model, &name, a.seq_len, a.reps)?;
+    let name = a
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let r = bench::run(&model, &name, a.seq_len, a.reps, !a.skip_backward)?;
     if a.json {
         return super::print_json(&r);
     }
-    println!("model {} ({} params), seq {}, {} threads", r.model, r.params, r.seq_len, r.threads);
+    println!(
+        "model {} ({} params), seq {}, {} threads",
+        r.model, r.params, r.seq_len, r.threads
+    );
     println!("matmul 2048^3 f32     {:>9.1} GFLOP/s", r.matmul_gflops);
-    println!("forward               {:>9.1} tok/s  ({:.0}% of ceiling {:.0})", r.forward_tok_s, 100.0 * r.forward_fraction_of_ceiling, r.forward_ceiling_tok_s);
-    println!("forward+backward      {:>9.1} tok/s  ({:.0}% of ceiling {:.0})", r.fwd_bwd_tok_s, 100.0 * r.fwd_bwd_fraction_of_ceiling, r.forward_ceiling_tok_s / 3.0);
+    println!(
+        "forward               {:>9.1} tok/s  ({:.0}% of ceiling {:.0})",
+        r.forward_tok_s,
+        100.0 * r.forward_fraction_of_ceiling,
+        r.forward_ceiling_tok_s
+    );
+    println!(
+        "forward+backward      {:>9.1} tok/s  ({:.0}% of ceiling {:.0})",
+        r.fwd_bwd_tok_s,
+        100.0 * r.fwd_bwd_fraction_of_ceiling,
+        r.forward_ceiling_tok_s / 3.0
+    );
     println!("peak RSS              {:>9.1} MB", r.peak_rss_mb);
     Ok(())
 }

@@ -116,7 +116,11 @@ pub fn parse_list(s: &str, n: usize, what: &str) -> Result<Vec<usize>> {
     }
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let num = |v: &str| -> Result<usize> { v.trim().parse().map_err(|_| anyhow::anyhow!("'{v}' is not a {what} number")) };
+        let num = |v: &str| -> Result<usize> {
+            v.trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("'{v}' is not a {what} number"))
+        };
         let (a, b) = match part.split_once('-') {
             Some((a, b)) => (num(a)?, num(b)?),
             None => (num(part)?, num(part)?),
@@ -148,9 +152,15 @@ fn eval_inputs(values: &[String]) -> Result<Vec<data::TextInput>> {
         .map(|l| {
             let path = dir.join(format!("{l}.txt"));
             if !path.exists() {
-                bail!("{}: default evaluation text missing (run scripts/fetch-assets)", path.display());
+                bail!(
+                    "{}: default evaluation text missing (run scripts/fetch-assets)",
+                    path.display()
+                );
             }
-            Ok(data::TextInput { lang: l.to_string(), path })
+            Ok(data::TextInput {
+                lang: l.to_string(),
+                path,
+            })
         })
         .collect()
 }
@@ -204,8 +214,14 @@ fn geo_ppl(nlls: &[f64]) -> f64 {
 
 fn run_scan(a: ScanArgs) -> Result<()> {
     let t0 = Instant::now();
-    let norm = a.norm.as_deref().context("dims: --norm input|post_attention|final is required")?;
-    let op: Op = a.op.as_deref().context("dims: --op is required (e.g. scale:10)")?.parse()?;
+    let norm = a
+        .norm
+        .as_deref()
+        .context("dims: --norm input|post_attention|final is required")?;
+    let op: Op =
+        a.op.as_deref()
+            .context("dims: --op is required (e.g. scale:10)")?
+            .parse()?;
     if a.screen_tokens < 2 || a.max_tokens < 2 {
         bail!("--screen-tokens and --max-tokens must be at least 2");
     }
@@ -219,10 +235,18 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let dims = parse_list(&a.dims, h, "dimension")?;
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
     let langs: Vec<String> = texts.iter().map(|(l, _)| l.clone()).collect();
-    let screen: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids[..ids.len().min(a.screen_tokens)].to_vec()).collect();
+    let screen: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|(_, ids)| ids[..ids.len().min(a.screen_tokens)].to_vec())
+        .collect();
     let full: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids.clone()).collect();
     let name = site.param_name();
-    let w = ops::values_f64(model.param(&name).context("norm weight missing")?.as_tensor())?;
+    let w = ops::values_f64(
+        model
+            .param(&name)
+            .context("norm weight missing")?
+            .as_tensor(),
+    )?;
     let values = scan::new_values(&model, site, &op, a.seed, &dims)?;
     let batch_for = |t: usize| a.batch.unwrap_or((1024 / t.max(1)).max(1));
 
@@ -235,14 +259,26 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     // stage 1: every dimension, short windows
     let ts = Instant::now();
     let pb = bar((dims.len() * screen.len()) as u64, "dims screen", "dims");
-    let scr = scan::scan_batched(&model, site, &dims, &values, &screen, batch_for(a.screen_tokens), &mut |n| pb.inc(n as u64))?;
+    let scr = scan::scan_batched(
+        &model,
+        site,
+        &dims,
+        &values,
+        &screen,
+        batch_for(a.screen_tokens),
+        &mut |n| pb.inc(n as u64),
+    )?;
     pb.finish_and_clear();
     let screen_s = ts.elapsed().as_secs_f64();
     let screen_ppl: Vec<f64> = scr.iter().map(|v| geo_ppl(v)).collect();
 
     // stage 2: the most damaging dims (and the median one), full windows
     let mut order: Vec<usize> = (0..dims.len()).collect();
-    order.sort_by(|&x, &y| screen_ppl[y].total_cmp(&screen_ppl[x]).then(dims[x].cmp(&dims[y])));
+    order.sort_by(|&x, &y| {
+        screen_ppl[y]
+            .total_cmp(&screen_ppl[x])
+            .then(dims[x].cmp(&dims[y]))
+    });
     let median_i = order[order.len() / 2];
     let mut confirm: Vec<usize> = order.iter().take(a.confirm_top).cloned().collect();
     if !confirm.contains(&median_i) {
@@ -252,7 +288,15 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let cdims: Vec<usize> = confirm.iter().map(|&i| dims[i]).collect();
     let cvals: Vec<f64> = confirm.iter().map(|&i| values[i]).collect();
     let pb = bar((cdims.len() * full.len()) as u64, "dims confirm", "dims");
-    let conf = scan::scan_batched(&model, site, &cdims, &cvals, &full, batch_for(a.max_tokens), &mut |n| pb.inc(n as u64))?;
+    let conf = scan::scan_batched(
+        &model,
+        site,
+        &cdims,
+        &cvals,
+        &full,
+        batch_for(a.max_tokens),
+        &mut |n| pb.inc(n as u64),
+    )?;
     pb.finish_and_clear();
     let confirm_s = tc.elapsed().as_secs_f64();
 
@@ -260,16 +304,28 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let tg = Instant::now();
     let g = scan::norm_gradient(&model, site, &screen)?;
     let gradient_s = tg.elapsed().as_secs_f64();
-    let pred: Vec<f64> = dims.iter().zip(&values).map(|(&d, &v)| g[d] * (v - w[d])).collect();
+    let pred: Vec<f64> = dims
+        .iter()
+        .zip(&values)
+        .map(|(&d, &v)| g[d] * (v - w[d]))
+        .collect();
     let base_mean = base_screen.iter().sum::<f64>() / base_screen.len() as f64;
-    let exact: Vec<f64> = scr.iter().map(|v| v.iter().sum::<f64>() / v.len() as f64 - base_mean).collect();
+    let exact: Vec<f64> = scr
+        .iter()
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64 - base_mean)
+        .collect();
     let rho = scan::spearman(&pred, &exact);
 
     let mut rows: Vec<DimRow> = Vec::new();
-    let confirmed: std::collections::HashMap<usize, &Vec<f64>> = confirm.iter().cloned().zip(conf.iter()).collect();
+    let confirmed: std::collections::HashMap<usize, &Vec<f64>> =
+        confirm.iter().cloned().zip(conf.iter()).collect();
     let top_n = a.confirm_top.min(order.len());
     let mut ranked: Vec<usize> = order[..top_n].to_vec();
-    ranked.sort_by(|&x, &y| geo_ppl(confirmed[&y]).total_cmp(&geo_ppl(confirmed[&x])).then(dims[x].cmp(&dims[y])));
+    ranked.sort_by(|&x, &y| {
+        geo_ppl(confirmed[&y])
+            .total_cmp(&geo_ppl(confirmed[&x]))
+            .then(dims[x].cmp(&dims[y]))
+    });
     ranked.extend(order[top_n..].iter().cloned());
     for i in ranked {
         let c = confirmed.get(&i);
@@ -320,12 +376,29 @@ fn run_scan(a: ScanArgs) -> Result<()> {
         by_dim.sort_by_key(|r| r.dim);
         for r in &by_dim {
             let p = r.ppl.map_or(String::new(), |p| p.to_string());
-            csv.push_str(&format!("{},{},{},{},{},{}\n", r.dim, r.weight, r.new_value, r.screen_ppl, p, r.first_order_delta_nll));
+            csv.push_str(&format!(
+                "{},{},{},{},{},{}\n",
+                r.dim, r.weight, r.new_value, r.screen_ppl, p, r.first_order_delta_nll
+            ));
         }
         crate::io::atomic_write(&dir.join("dims.csv"), csv.as_bytes())?;
         let pd: Vec<usize> = by_dim.iter().map(|r| r.dim).collect();
         let pp: Vec<f64> = by_dim.iter().map(|r| r.screen_ppl).collect();
-        plot::ppl_by_dim(&dir.join("dims.png"), &pd, &pp, out.base_screen_ppl, 10)?;
+        let title = format!(
+            "{} {}: screen ppl (geomean {}, log scale) vs dimension; dashed = base {:.2}",
+            out.norm.trim_end_matches(".weight"),
+            out.op,
+            out.languages.join(" "),
+            out.base_screen_ppl
+        );
+        plot::ppl_by_dim(
+            &dir.join("dims.png"),
+            &title,
+            &pd,
+            &pp,
+            out.base_screen_ppl,
+            10,
+        )?;
     }
     if a.json {
         return super::print_json(&out);
@@ -335,7 +408,13 @@ fn run_scan(a: ScanArgs) -> Result<()> {
 }
 
 fn print_scan(o: &ScanOutput, top: usize) {
-    println!("model: {}  norm: {}  op: {}  languages: {}", o.model, o.norm, o.op, o.languages.join(" "));
+    println!(
+        "model: {}  norm: {}  op: {}  languages: {}",
+        o.model,
+        o.norm,
+        o.op,
+        o.languages.join(" ")
+    );
     println!(
         "base geomean PPL: {} at {:?} tokens (screen), {} at {:?} tokens",
         fmt_ppl(o.base_screen_ppl),
@@ -343,7 +422,10 @@ fn print_scan(o: &ScanOutput, top: usize) {
         fmt_ppl(o.base_ppl),
         o.max_tokens
     );
-    println!("{:>4} {:>6} {:>10} {:>10} {:>12} {:>12} {:>12}", "rank", "dim", "weight", "new", "screen_ppl", "ppl", "1st-order");
+    println!(
+        "{:>4} {:>6} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "rank", "dim", "weight", "new", "screen_ppl", "ppl", "1st-order"
+    );
     let line = |rank: String, r: &DimRow| {
         let p = r.ppl.map_or("-".to_string(), fmt_ppl);
         println!(
@@ -367,7 +449,8 @@ fn print_scan(o: &ScanOutput, top: usize) {
         "Spearman(first-order, screen) = {:.3}; Spearman(screen, confirm) over top {} = {}",
         o.spearman_first_order_vs_screen,
         top,
-        o.spearman_screen_vs_confirm.map_or("-".into(), |v| format!("{v:.3}"))
+        o.spearman_screen_vs_confirm
+            .map_or("-".into(), |v| format!("{v:.3}"))
     );
     println!("timing: {}", o.timing);
 }
@@ -393,12 +476,19 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
     let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();
     let h = model.config.hidden_size;
     if a.dim >= h {
-        bail!("dimension {} out of range: hidden size is {h} (0..{})", a.dim, h - 1);
+        bail!(
+            "dimension {} out of range: hidden size is {h} (0..{})",
+            a.dim,
+            h - 1
+        );
     }
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
     let mut groups: Vec<(String, Vec<&str>)> = vec![("all".into(), all.clone())];
     if a.by_kind {
-        groups.extend(all.iter().map(|k| (structured::kind_label(k).to_string(), vec![*k])));
+        groups.extend(
+            all.iter()
+                .map(|k| (structured::kind_label(k).to_string(), vec![*k])),
+        );
     }
     let n = 1 + ops.len() * groups.len();
     let pb = bar((n * texts.len()) as u64, "structured", "evals");
@@ -413,10 +503,23 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
             })
             .collect()
     };
-    let gm = |r: &[serde_json::Value]| geomean(&r.iter().map(|x| x["ppl"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    let gm = |r: &[serde_json::Value]| {
+        geomean(
+            &r.iter()
+                .map(|x| x["ppl"].as_f64().unwrap_or(f64::NAN))
+                .collect::<Vec<_>>(),
+        )
+    };
     let base = eval_all("base")?;
     let base_g = gm(&base);
-    let mut conds = vec![StructCondition { condition: "base".into(), op: "none".into(), entries: 0, geomean_ppl: base_g, ratio_to_base: 1.0, results: base }];
+    let mut conds = vec![StructCondition {
+        condition: "base".into(),
+        op: "none".into(),
+        entries: 0,
+        geomean_ppl: base_g,
+        ratio_to_base: 1.0,
+        results: base,
+    }];
     for op in &ops {
         for (label, kinds) in &groups {
             let mask = structured::stripe_mask(&model, a.dim, &layers, kinds)?;
@@ -426,7 +529,14 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
             ops::restore(&model, saved)?;
             let r = r?;
             let g = gm(&r);
-            conds.push(StructCondition { condition: label.clone(), op: op.to_string(), entries, geomean_ppl: g, ratio_to_base: g / base_g, results: r });
+            conds.push(StructCondition {
+                condition: label.clone(),
+                op: op.to_string(),
+                entries,
+                geomean_ppl: g,
+                ratio_to_base: g / base_g,
+                results: r,
+            });
         }
     }
     pb.finish_and_clear();
@@ -437,16 +547,34 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
             "languages": langs, "conditions": conds,
         }));
     }
-    println!("model: {}  dim: {}  layers: {}", a.model.display(), a.dim, a.layers);
-    let mut head = format!("{:<26} {:<12} {:>8} {:>12} {:>9}", "condition", "op", "entries", "geomean_ppl", "ratio");
+    println!(
+        "model: {}  dim: {}  layers: {}",
+        a.model.display(),
+        a.dim,
+        a.layers
+    );
+    let mut head = format!(
+        "{:<26} {:<12} {:>8} {:>12} {:>9}",
+        "condition", "op", "entries", "geomean_ppl", "ratio"
+    );
     for l in &langs {
         head.push_str(&format!(" {l:>9}"));
     }
     println!("{head}");
     for c in &conds {
-        let mut row = format!("{:<26} {:<12} {:>8} {:>12} {:>9.3}", c.condition, c.op, c.entries, fmt_ppl(c.geomean_ppl), c.ratio_to_base);
+        let mut row = format!(
+            "{:<26} {:<12} {:>8} {:>12} {:>9.3}",
+            c.condition,
+            c.op,
+            c.entries,
+            fmt_ppl(c.geomean_ppl),
+            c.ratio_to_base
+        );
         for r in &c.results {
-            row.push_str(&format!(" {:>9}", fmt_ppl(r["ppl"].as_f64().unwrap_or(f64::NAN))));
+            row.push_str(&format!(
+                " {:>9}",
+                fmt_ppl(r["ppl"].as_f64().unwrap_or(f64::NAN))
+            ));
         }
         println!("{row}");
     }

@@ -39,9 +39,19 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
-    let specs: Vec<spec::Spec> = crate::data::split_values(&a.perturb).iter().map(|x| spec::parse(x, &model)).collect::<Result<_>>()?;
-    let s = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
-    let mut outs = vec![("base".to_string(), generate(&model, &a.prompt, a.max_tokens, &s)?)];
+    let specs: Vec<spec::Spec> = crate::data::split_values(&a.perturb)
+        .iter()
+        .map(|x| spec::parse(x, &model))
+        .collect::<Result<_>>()?;
+    let s = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut outs = vec![(
+        "base".to_string(),
+        generate(&model, &a.prompt, a.max_tokens, &s)?,
+    )];
     for sp in &specs {
         let saved = sp.apply(&model, a.seed)?;
         let text = generate(&model, &a.prompt, a.max_tokens, &s);
@@ -49,7 +59,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         outs.push((sp.text.clone(), text?));
     }
     if a.json {
-        let c: Vec<_> = outs.iter().map(|(c, t)| serde_json::json!({"condition": c, "text": t})).collect();
+        let c: Vec<_> = outs
+            .iter()
+            .map(|(c, t)| serde_json::json!({"condition": c, "text": t}))
+            .collect();
         return super::print_json(&serde_json::json!({"prompt": a.prompt, "completions": c}));
     }
     if specs.is_empty() {

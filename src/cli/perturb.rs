@@ -43,6 +43,10 @@ pub fn run(a: PerturbArgs) -> Result<()> {
     if a.json {
         return super::print_json(&v);
     }
-    println!("{} entries perturbed ({op}); model written to {}", n, a.save.display());
+    println!(
+        "{} entries perturbed ({op}); model written to {}",
+        n,
+        a.save.display()
+    );
     Ok(())
 }

@@ -190,7 +190,8 @@ pub fn run(a: RegionArgs) -> Result<()> {
 fn check_model(r: &Region, model: Option<&Path>, what: &str) -> Result<()> {
     let Some(m) = model else { return Ok(()) };
     let shapes = mask::model_shapes(m)?;
-    mask::check_layout(&region::shapes(r), &shapes).with_context(|| format!("{what} does not fit the model {}", m.display()))
+    mask::check_layout(&region::shapes(r), &shapes)
+        .with_context(|| format!("{what} does not fit the model {}", m.display()))
 }
 
 /// Loads a mask file, checked against the model when one is given.
@@ -207,7 +208,9 @@ fn finish(out: &Path, r: &Region, how: serde_json::Value, json: bool) -> Result<
     let numel: u64 = r.values().map(|b| b.data.len() as u64).sum();
     if json {
         let s = mask::summary(&region::to_mask(r)?, serde_json::Value::Null)?;
-        return super::print_json(&json!({"out": out, "summary": mask::summary_path(out), "total": s["total"], "tensors": r.len()}));
+        return super::print_json(
+            &json!({"out": out, "summary": mask::summary_path(out), "total": s["total"], "tensors": r.len()}),
+        );
     }
     println!(
         "{}: {total} of {numel} entries ({:.4}%) in {} tensors; summary {}",
@@ -255,7 +258,12 @@ fn random(a: RandomArgs) -> Result<()> {
 fn ops(a: OpsArgs) -> Result<()> {
     let x = load_mask(&a.a, a.model.as_deref())?;
     let y = load_mask(&a.b, a.model.as_deref())?;
-    region::check_same_layout(&x, &y, &a.a.display().to_string(), &a.b.display().to_string())?;
+    region::check_same_layout(
+        &x,
+        &y,
+        &a.a.display().to_string(),
+        &a.b.display().to_string(),
+    )?;
     let r = rops::apply(a.op, &x, &y);
     let how = json!({"method": a.op, "a": a.a, "b": a.b});
     finish(&a.out, &r, how, a.json)
@@ -264,15 +272,26 @@ fn ops(a: OpsArgs) -> Result<()> {
 fn compare(a: CompareArgs) -> Result<()> {
     let x = load_mask(&a.a, a.model.as_deref())?;
     let y = load_mask(&a.b, a.model.as_deref())?;
-    region::check_same_layout(&x, &y, &a.a.display().to_string(), &a.b.display().to_string())?;
+    region::check_same_layout(
+        &x,
+        &y,
+        &a.a.display().to_string(),
+        &a.b.display().to_string(),
+    )?;
     let (per, total) = rops::compare(&x, &y);
     if a.json {
         return super::print_json(&json!({"a": a.a, "b": a.b, "total": total, "tensors": per}));
     }
     println!("A = {}\nB = {}", a.a.display(), a.b.display());
-    println!("{:<48} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}", "tensor", "|A|", "|B|", "|A∩B|", "jaccard", "∩/|A|", "∩/|B|");
+    println!(
+        "{:<48} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "tensor", "|A|", "|B|", "|A∩B|", "jaccard", "∩/|A|", "∩/|B|"
+    );
     for o in per.iter().chain(std::iter::once(&total)) {
-        println!("{:<48} {:>10} {:>10} {:>10} {:>8.4} {:>8.4} {:>8.4}", o.name, o.a, o.b, o.both, o.jaccard, o.of_a, o.of_b);
+        println!(
+            "{:<48} {:>10} {:>10} {:>10} {:>8.4} {:>8.4} {:>8.4}",
+            o.name, o.a, o.b, o.both, o.jaccard, o.of_a, o.of_b
+        );
     }
     Ok(())
 }
@@ -316,7 +335,12 @@ fn run_stats(a: StatsArgs) -> Result<()> {
             "most_concentrated": s.most_concentrated,
         }));
     }
-    println!("{}: {} of {} entries selected", a.mask.display(), s.count, s.numel);
+    println!(
+        "{}: {} of {} entries selected",
+        a.mask.display(),
+        s.count,
+        s.numel
+    );
     if let Some(g) = &s.global {
         println!(
             "hidden dims over all layers (hidden size {}): gini {:.3}, top 1% ({} dims) hold {:.1}%",
@@ -325,15 +349,31 @@ fn run_stats(a: StatsArgs) -> Result<()> {
             g.concentration.top1pct_len,
             100.0 * g.concentration.top1pct_share
         );
-        println!("{:>6} {:>10} {:>8} {:>14} {:>11}", "dim", "count", "share", "layers(top10)", "norm layers");
+        println!(
+            "{:>6} {:>10} {:>8} {:>14} {:>11}",
+            "dim", "count", "share", "layers(top10)", "norm layers"
+        );
         for d in g.top_dims.iter().take(10) {
-            println!("{:>6} {:>10} {:>7.2}% {:>14} {:>11}", d.dim, d.count, 100.0 * d.share, d.layers_in_top10, d.norm_layers);
+            println!(
+                "{:>6} {:>10} {:>7.2}% {:>14} {:>11}",
+                d.dim,
+                d.count,
+                100.0 * d.share,
+                d.layers_in_top10,
+                d.norm_layers
+            );
         }
     }
     println!("most concentrated tensors (share of the selection in the top 1% of hidden dims):");
     for c in s.most_concentrated.iter().take(5) {
         let dims: Vec<String> = c.top_dims.iter().map(|d| d.index.to_string()).collect();
-        println!("  {:<48} {:>6.1}%  gini {:.3}  dims {}", c.name, 100.0 * c.top1pct_share, c.gini, dims.join(","));
+        println!(
+            "  {:<48} {:>6.1}%  gini {:.3}  dims {}",
+            c.name,
+            100.0 * c.top1pct_share,
+            c.gini,
+            dims.join(",")
+        );
     }
     println!("stats {}", stats_path.display());
     if let Some(p) = &overview {
@@ -351,11 +391,17 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.json {
         return super::print_json(&r);
     }
-    println!("{} synthetic scores ({:.0} MB) in {} tensors, k = {}, {} threads", r.numel, r.scores_mb, r.tensors, r.k, r.threads);
+    println!(
+        "{} synthetic scores ({:.0} MB) in {} tensors, k = {}, {} threads",
+        r.numel, r.scores_mb, r.tensors, r.k, r.threads
+    );
     println!("generate              {:>8.2} s", r.generate_s);
     println!("per-tensor top        {:>8.2} s", r.per_tensor_top_s);
     println!("per-tensor bottom     {:>8.2} s", r.per_tensor_bottom_s);
     println!("global top            {:>8.2} s", r.global_top_s);
-    println!("peak RSS              {:>8.0} MB ({:.2}x the scores)", r.peak_rss_mb, r.rss_over_scores);
+    println!(
+        "peak RSS              {:>8.0} MB ({:.2}x the scores)",
+        r.peak_rss_mb, r.rss_over_scores
+    );
     Ok(())
 }

@@ -128,8 +128,14 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 }
 
 fn score(a: RunArgs) -> Result<()> {
-    let Some(out) = a.out.clone() else { bail!("--out DIR is required") };
-    let shard = a.shard.as_deref().map(str::parse::<windows::Shard>).transpose()?;
+    let Some(out) = a.out.clone() else {
+        bail!("--out DIR is required")
+    };
+    let shard = a
+        .shard
+        .as_deref()
+        .map(str::parse::<windows::Shard>)
+        .transpose()?;
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -174,7 +180,11 @@ fn score(a: RunArgs) -> Result<()> {
         })
         .sum::<Result<usize>>()?;
     let pb = bar(total as u64, "score", "tok");
-    let job = run::Job { model: &model, model_sha256: &sha, out: &out };
+    let job = run::Job {
+        model: &model,
+        model_sha256: &sha,
+        out: &out,
+    };
     let start = std::time::Instant::now();
     let mut results = Vec::new();
     let mut computed = 0usize;
@@ -200,12 +210,18 @@ fn score(a: RunArgs) -> Result<()> {
         return super::print_json(&o);
     }
     print_table(&o.results);
-    println!("total {:.1} s, {:.1} tokens/s computed", o.seconds, o.tokens_per_second);
+    println!(
+        "total {:.1} s, {:.1} tokens/s computed",
+        o.seconds, o.tokens_per_second
+    );
     Ok(())
 }
 
 fn print_table(results: &[run::Outcome]) {
-    println!("{:<8} {:<8} {:>8} {:>8} {:>9} {:>9}  file", "lang", "status", "windows", "tokens", "seconds", "tok/s");
+    println!(
+        "{:<8} {:<8} {:>8} {:>8} {:>9} {:>9}  file",
+        "lang", "status", "windows", "tokens", "seconds", "tok/s"
+    );
     for r in results {
         println!(
             "{:<8} {:<8} {:>8} {:>8} {:>9.1} {:>9.1}  {}",
@@ -233,15 +249,27 @@ fn diff(a: DiffArgs) -> Result<()> {
     let base = Model::load(&a.base)?;
     let tuned = Model::load(&a.tuned)?;
     score::diff::check_same_params(&base, &a.base, &tuned, &a.tuned)?;
-    let (bs, ts) = (score::model_sha256(&a.base)?, score::model_sha256(&a.tuned)?);
+    let (bs, ts) = (
+        score::model_sha256(&a.base)?,
+        score::model_sha256(&a.tuned)?,
+    );
     score::diff::write_diff(&base, &bs, &tuned, &ts, &a.lang, a.relative, a.eps, &a.out)?;
-    let method = if a.relative { score::METHOD_DIFF_RELATIVE } else { score::METHOD_DIFF };
+    let method = if a.relative {
+        score::METHOD_DIFF_RELATIVE
+    } else {
+        score::METHOD_DIFF
+    };
     if a.json {
         return super::print_json(&serde_json::json!({
             "base": a.base, "tuned": a.tuned, "out": a.out, "method": method, "lang": a.lang,
             "params": base.num_params(),
         }));
     }
-    println!("{} ({method}, {} parameters) written to {}", a.lang, base.num_params(), a.out.display());
+    println!(
+        "{} ({method}, {} parameters) written to {}",
+        a.lang,
+        base.num_params(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -44,7 +44,10 @@ struct Verified {
 }
 
 pub fn run(a: SuperweightsArgs) -> Result<()> {
-    let eval_path = a.eval.clone().unwrap_or_else(|| data::default_eval_dir().join("en.txt"));
+    let eval_path = a
+        .eval
+        .clone()
+        .unwrap_or_else(|| data::default_eval_dir().join("en.txt"));
     let text = data::read_text(&eval_path)?;
     let model = Model::load(&a.model)?;
     let tok = model.tokenizer()?;
@@ -57,10 +60,16 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("{}: fewer than 2 tokens", eval_path.display());
     }
-    let ppl = |m: &Model| -> Result<f64> { Ok(eval::perplexity(m, "eval", &ids, ids.len(), ids.len(), |_| {})?.ppl) };
+    let ppl = |m: &Model| -> Result<f64> {
+        Ok(eval::perplexity(m, "eval", &ids, ids.len(), ids.len(), |_| {})?.ppl)
+    };
     let base = ppl(&model)?;
     let mut cands = candidates(&model, &prompt_ids)?;
-    cands.sort_by(|x, y| y.output_activation.abs().total_cmp(&x.output_activation.abs()));
+    cands.sort_by(|x, y| {
+        y.output_activation
+            .abs()
+            .total_cmp(&x.output_activation.abs())
+    });
     cands.truncate(a.top);
     let pb = bar(cands.len() as u64, "superweights", "weights");
     let mut out = Vec::new();
@@ -72,7 +81,11 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
         ops::restore(&model, saved)?;
         let p = p?;
         pb.inc(1);
-        out.push(Verified { candidate: c, ppl_zeroed: p, ratio_to_base: p / base });
+        out.push(Verified {
+            candidate: c,
+            ppl_zeroed: p,
+            ratio_to_base: p / base,
+        });
     }
     pb.finish_and_clear();
     if a.json {
@@ -81,14 +94,35 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
             "eval": eval_path.display().to_string(), "eval_tokens": ids.len(), "base_ppl": base, "candidates": out,
         }));
     }
-    println!("model: {}  prompt: {:?} ({} tokens)", a.model.display(), a.prompt, prompt_ids.len());
-    println!("verification: {} first {} tokens, base PPL {}", eval_path.display(), ids.len(), fmt_ppl(base));
-    println!("{:>5} {:>5} {:>6} {:>5} {:>12} {:>11} {:>10} {:>12} {:>9}", "layer", "row", "col", "tok", "out_act", "in_act", "weight", "ppl_zeroed", "ratio");
+    println!(
+        "model: {}  prompt: {:?} ({} tokens)",
+        a.model.display(),
+        a.prompt,
+        prompt_ids.len()
+    );
+    println!(
+        "verification: {} first {} tokens, base PPL {}",
+        eval_path.display(),
+        ids.len(),
+        fmt_ppl(base)
+    );
+    println!(
+        "{:>5} {:>5} {:>6} {:>5} {:>12} {:>11} {:>10} {:>12} {:>9}",
+        "layer", "row", "col", "tok", "out_act", "in_act", "weight", "ppl_zeroed", "ratio"
+    );
     for v in &out {
         let c = &v.candidate;
         println!(
             "{:>5} {:>5} {:>6} {:>5} {:>12.2} {:>11.2} {:>10.4} {:>12} {:>9.3}",
-            c.layer, c.row, c.col, c.token, c.output_activation, c.input_activation, c.weight, fmt_ppl(v.ppl_zeroed), v.ratio_to_base
+            c.layer,
+            c.row,
+            c.col,
+            c.token,
+            c.output_activation,
+            c.input_activation,
+            c.weight,
+            fmt_ppl(v.ppl_zeroed),
+            v.ratio_to_base
         );
     }
     Ok(())

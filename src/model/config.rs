@@ -61,10 +61,14 @@ impl Config {
         if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_layers == 0 || c.hidden_size == 0 {
             bail!("zero-sized dimension in config: {c:?}");
         }
-        if c.num_heads % c.num_kv_heads != 0 {
-            bail!("num_heads {} is not a multiple of num_kv_heads {}", c.num_heads, c.num_kv_heads);
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            bail!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                c.num_heads,
+                c.num_kv_heads
+            );
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", c.head_dim);
         }
         Ok(())
@@ -101,8 +105,14 @@ impl Config {
             intermediate_size: get("intermediate_size")?,
             num_layers: get("num_hidden_layers")?,
             num_heads: heads,
-            num_kv_heads: v["num_key_value_heads"].as_u64().map(|x| x as usize).unwrap_or(heads),
-            head_dim: v["head_dim"].as_u64().map(|x| x as usize).unwrap_or(hidden / heads),
+            num_kv_heads: v["num_key_value_heads"]
+                .as_u64()
+                .map(|x| x as usize)
+                .unwrap_or(heads),
+            head_dim: v["head_dim"]
+                .as_u64()
+                .map(|x| x as usize)
+                .unwrap_or(hidden / heads),
             rope_theta: v["rope_theta"].as_f64().unwrap_or(10000.0),
             rms_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
             max_position: v["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
@@ -154,7 +164,10 @@ impl Config {
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -181,7 +194,10 @@ impl Config {
 
     /// Total number of parameters.
     pub fn num_params(&self) -> usize {
-        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// A tiny configuration for tests.

@@ -21,13 +21,21 @@ impl GgufFile {
         let mut f = std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
         let len = f.metadata()?.len();
-        let content = Content::read(&mut f)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {}", path.display(), candle_msg(&e)))?;
+        let content = Content::read(&mut f).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid GGUF file: {}",
+                path.display(),
+                candle_msg(&e)
+            )
+        })?;
         for (name, info) in &content.tensor_infos {
             let numel = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
             if numel % bs != 0 {
-                bail!("{}: tensor {name} has {numel} elements, not a multiple of its block size {bs}", path.display());
+                bail!(
+                    "{}: tensor {name} has {numel} elements, not a multiple of its block size {bs}",
+                    path.display()
+                );
             }
             let bytes = numel / bs * info.ggml_dtype.type_size();
             let end = content.tensor_data_offset + info.offset + bytes as u64;
@@ -38,7 +46,10 @@ impl GgufFile {
                 );
             }
         }
-        Ok(GgufFile { content, path: path.to_path_buf() })
+        Ok(GgufFile {
+            content,
+            path: path.to_path_buf(),
+        })
     }
 
     /// A metadata value.
@@ -47,14 +58,19 @@ impl GgufFile {
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        let v = self.meta(key).with_context(|| {
-            format!("{}: missing GGUF metadata key {key}", self.path.display())
-        })?;
+        let v = self
+            .meta(key)
+            .with_context(|| format!("{}: missing GGUF metadata key {key}", self.path.display()))?;
         Ok(v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x as u64))
-            .map_err(|e| anyhow::anyhow!("{}: metadata {key}: {}", self.path.display(), candle_msg(&e)))?
-            as usize)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: metadata {key}: {}",
+                    self.path.display(),
+                    candle_msg(&e)
+                )
+            })? as usize)
     }
 
     fn meta_f64(&self, key: &str) -> Option<f64> {
@@ -76,8 +92,12 @@ impl GgufFile {
         let a = &arch_name;
         let hidden = self.meta_usize(&format!("{a}.embedding_length"))?;
         let heads = self.meta_usize(&format!("{a}.attention.head_count"))?;
-        let kv = self.meta_usize(&format!("{a}.attention.head_count_kv")).unwrap_or(heads);
-        let head_dim = self.meta_usize(&format!("{a}.attention.key_length")).unwrap_or(hidden / heads);
+        let kv = self
+            .meta_usize(&format!("{a}.attention.head_count_kv"))
+            .unwrap_or(heads);
+        let head_dim = self
+            .meta_usize(&format!("{a}.attention.key_length"))
+            .unwrap_or(hidden / heads);
         let vocab = match self.meta("tokenizer.ggml.tokens") {
             Some(Value::Array(t)) => t.len(),
             _ => self.meta_usize(&format!("{a}.vocab_size"))?,
@@ -93,11 +113,15 @@ impl GgufFile {
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
-            rope_theta: self.meta_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0),
+            rope_theta: self
+                .meta_f64(&format!("{a}.rope.freq_base"))
+                .unwrap_or(10000.0),
             rms_eps: self
                 .meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
-            max_position: self.meta_usize(&format!("{a}.context_length")).unwrap_or(2048),
+            max_position: self
+                .meta_usize(&format!("{a}.context_length"))
+                .unwrap_or(2048),
             tie_embeddings: tie,
             bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
             eos_token_id: tok_id("tokenizer.ggml.eos_token_id"),
@@ -112,10 +136,12 @@ impl GgufFile {
         let q = self
             .content
             .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e)))?;
-        let t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e)))?;
+            .map_err(|e| {
+                anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e))
+            })?;
+        let t = q.dequantize(&Device::Cpu).map_err(|e| {
+            anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e))
+        })?;
         Ok(t.to_dtype(DType::F32)?)
     }
 

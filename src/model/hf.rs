@@ -19,7 +19,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = v["weight_map"]
             .as_object()
             .with_context(|| format!("{}: no weight_map", index.display()))?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -28,7 +31,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
-    bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+    bail!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
 }
 
 /// Loads every parameter of `cfg` from the directory's safetensors files, as f32, checking
@@ -37,8 +43,13 @@ pub fn load_weights(dir: &Path, cfg: &Config) -> Result<HashMap<String, Tensor>>
     let files = weight_files(dir)?;
     let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
     for f in &files {
-        let tensors = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {}", f.display(), crate::io::candle_msg(&e)))?;
+        let tensors = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file: {}",
+                f.display(),
+                crate::io::candle_msg(&e)
+            )
+        })?;
         for (name, t) in tensors {
             found.insert(name, (t, f.clone()));
         }
@@ -61,15 +72,24 @@ pub fn load_weights(dir: &Path, cfg: &Config) -> Result<HashMap<String, Tensor>>
         let t = match t.dtype() {
             DType::F32 => t,
             DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            d => bail!("{}: tensor {name} has unsupported dtype {d:?}", file.display()),
+            d => bail!(
+                "{}: tensor {name} has unsupported dtype {d:?}",
+                file.display()
+            ),
         };
         out.insert(name, t);
     }
     // a tied checkpoint may still carry lm_head.weight; other extras are ignored unless
     // they look like model parameters we do not know.
     for (name, (_, file)) in found {
-        if name.starts_with("model.layers.") && !wanted.contains(&name) && !name.contains("rotary_emb") {
-            bail!("{}: unexpected tensor {name} for this config", file.display());
+        if name.starts_with("model.layers.")
+            && !wanted.contains(&name)
+            && !name.contains("rotary_emb")
+        {
+            bail!(
+                "{}: unexpected tensor {name} for this config",
+                file.display()
+            );
         }
     }
     Ok(out)

@@ -72,8 +72,8 @@ impl Model {
             let tok = Tokenizer::from_gguf(&g.content.metadata, path)?;
             (config, weights, Some(tok))
         };
-        let mut m = Model::from_weights(config, weights)
-            .with_context(|| format!("{}", path.display()))?;
+        let mut m =
+            Model::from_weights(config, weights).with_context(|| format!("{}", path.display()))?;
         m.tokenizer = tokenizer;
         m.source = path.to_path_buf();
         Ok(m)
@@ -83,14 +83,26 @@ impl Model {
     pub fn from_weights(config: Config, mut weights: HashMap<String, Tensor>) -> Result<Model> {
         let mut params = Vec::new();
         for (name, shape) in config.param_shapes() {
-            let t = weights.remove(&name).with_context(|| format!("missing tensor {name}"))?;
+            let t = weights
+                .remove(&name)
+                .with_context(|| format!("missing tensor {name}"))?;
             if t.dims() != shape.as_slice() {
-                bail!("tensor {name} has shape {:?}, expected {:?}", t.dims(), shape);
+                bail!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    shape
+                );
             }
-            params.push(Param { name, var: Var::from_tensor(&t.contiguous()?)? });
+            params.push(Param {
+                name,
+                var: Var::from_tensor(&t.contiguous()?)?,
+            });
         }
-        let index: HashMap<String, usize> =
-            params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let index: HashMap<String, usize> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
         let at = |n: String| -> usize { index[&n] };
         let layers = (0..config.num_layers)
             .map(|l| {
@@ -117,7 +129,11 @@ impl Model {
             .collect();
         let embed = at("model.embed_tokens.weight".into());
         let final_norm = at("model.norm.weight".into());
-        let lm_head = if config.tie_embeddings { embed } else { at("lm_head.weight".into()) };
+        let lm_head = if config.tie_embeddings {
+            embed
+        } else {
+            at("lm_head.weight".into())
+        };
         Ok(Model {
             config,
             params,
@@ -143,7 +159,10 @@ impl Model {
             } else {
                 (0..n).map(|_| rng.gen_range(-0.35..0.35)).collect()
             };
-            w.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?);
+            w.insert(
+                name,
+                Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?,
+            );
         }
         Model::from_weights(config, w)
     }
@@ -155,7 +174,9 @@ impl Model {
 
     /// The tokenizer, or an error for models without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().context("this model has no tokenizer")
+        self.tokenizer
+            .as_ref()
+            .context("this model has no tokenizer")
     }
 
     /// The dtype the parameters are held in.
@@ -170,7 +191,10 @@ impl Model {
 
     /// Every parameter as (name, tensor), in the model's order.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect()
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
+            .collect()
     }
 
     /// Writes a transformers-loadable checkpoint: config.json, model.safetensors (f32),
@@ -195,7 +219,9 @@ impl Model {
     /// Token embeddings for `ids` `[b, t]` → `[b, t, hidden]`.
     pub fn embed(&self, ids: &Tensor, grad: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let e = self.w(self.embed, grad).index_select(&ids.flatten_all()?, 0)?;
+        let e = self
+            .w(self.embed, grad)
+            .index_select(&ids.flatten_all()?, 0)?;
         Ok(e.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -229,7 +255,7 @@ impl Model {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let rep = nh / nkv;
         let lin = |x: &Tensor, wi: usize, bi: Option<usize>| -> Result<Tensor> {
-            let y = x.matmul(&self.w(wi, grad).t()?)?;
+            let y = fused::linear(x, &self.w(wi, grad))?;
             Ok(match bi {
                 Some(bi) => y.broadcast_add(&self.w(bi, grad))?,
                 None => y,
@@ -241,15 +267,35 @@ impl Model {
             Some((q, k, v)) => (Some(q), Some(k), Some(v)),
             None => (None, None, None),
         };
-        let q = fused::rope_transposed(&lin(&hn, li.q, qb)?.reshape((b, t, nh, hd))?, &ctx.cos, &ctx.sin)?;
-        let k = fused::rope_transposed(&lin(&hn, li.k, kb)?.reshape((b, t, nkv, hd))?, &ctx.cos, &ctx.sin)?;
-        let v = lin(&hn, li.v, vb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        // [b, nh, t, hd] -> [b, nkv, rep*t, hd]: query heads sharing a kv head stacked
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let a = fused::causal_attention(&q, &k, &v)?;
-        let a = a.reshape((b, nh, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let q = fused::rope_transposed(
+            &lin(&hn, li.q, qb)?.reshape((b, t, nh, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let k = fused::rope_transposed(
+            &lin(&hn, li.k, kb)?.reshape((b, t, nkv, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let v = lin(&hn, li.v, vb)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let a = if !grad && fused::use_fused(&q) {
+            // blocked kernel: causal half only, output already [b, t, nh, hd]
+            fused::causal_attention_inference(&q, &k, &v)?.reshape((b * t, nh * hd))?
+        } else {
+            // [b, nh, t, hd] -> [b, nkv, rep*t, hd]: query heads sharing a kv head stacked
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let a = fused::causal_attention(&q, &k, &v)?;
+            a.reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, nh * hd))?
+        };
         let x = (x + lin(&a, li.o, None)?.reshape((b, t, h))?)?;
-        let hn = fused::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
+        let hn =
+            fused::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
         let g = lin(&hn, li.gate, None)?;
         let u = lin(&hn, li.up, None)?;
         let act = fused::swiglu(&g, &u)?;
@@ -263,7 +309,7 @@ impl Model {
     pub fn head(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let xn = fused::rms_norm(x, &self.w(self.final_norm, grad), self.config.rms_eps)?;
-        let logits = xn.reshape((b * t, h))?.matmul(&self.w(self.lm_head, grad).t()?)?;
+        let logits = fused::linear(&xn.reshape((b * t, h))?, &self.w(self.lm_head, grad))?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -297,7 +343,9 @@ impl Model {
             bail!("a window needs at least 2 tokens, got {t}");
         }
         let x = x.narrow(1, 0, t - 1)?;
-        let logits = self.head(&x.contiguous()?, grad)?.reshape((b * (t - 1), self.config.vocab_size))?;
+        let logits = self
+            .head(&x.contiguous()?, grad)?
+            .reshape((b * (t - 1), self.config.vocab_size))?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
         Ok(fused::token_nll(&logits, &targets)?.reshape((b, t - 1))?)
     }
@@ -318,7 +366,10 @@ impl Model {
         let t = ids.len();
         let last = x.narrow(1, t - 1, 1)?.contiguous()?;
         let logits = self.head(&last, false)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        Ok(logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
     }
 }
 
@@ -328,4 +379,3 @@ pub struct AttnContext {
     pub sin: Tensor,
     pub mask: Tensor,
 }
-

@@ -12,7 +12,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// RoPE tables for positions `0..t`: `(cos, sin)`, each `[t, head_dim / 2]`.
-pub fn rope_tables(t: usize, head_dim: usize, theta: f64, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);

@@ -29,7 +29,10 @@ impl NormSite {
         let need = |l: Option<usize>| -> Result<usize> {
             let l = l.with_context(|| format!("--norm {norm} needs --layer (0..{})", n - 1))?;
             if l >= n {
-                bail!("layer {l} out of range: the model has {n} layers (0..{})", n - 1);
+                bail!(
+                    "layer {l} out of range: the model has {n} layers (0..{})",
+                    n - 1
+                );
             }
             Ok(l)
         };
@@ -45,7 +48,9 @@ impl NormSite {
     pub fn param_name(&self) -> String {
         match self {
             NormSite::Input(l) => format!("model.layers.{l}.input_layernorm.weight"),
-            NormSite::PostAttention(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            NormSite::PostAttention(l) => {
+                format!("model.layers.{l}.post_attention_layernorm.weight")
+            }
             NormSite::Final => "model.norm.weight".to_string(),
         }
     }
@@ -61,13 +66,28 @@ impl NormSite {
 
 /// The new value of entry d for each of `dims`: `op` applied to that one entry, with the
 /// same seeded stream as `perturb::ops::apply` on a one-entry region.
-pub fn new_values(model: &Model, site: NormSite, op: &Op, seed: u64, dims: &[usize]) -> Result<Vec<f64>> {
+pub fn new_values(
+    model: &Model,
+    site: NormSite,
+    op: &Op,
+    seed: u64,
+    dims: &[usize],
+) -> Result<Vec<f64>> {
     let name = site.param_name();
-    let w = ops::values_f64(model.param(&name).context("norm weight missing")?.as_tensor())?;
+    let w = ops::values_f64(
+        model
+            .param(&name)
+            .context("norm weight missing")?
+            .as_tensor(),
+    )?;
     dims.iter()
         .map(|&d| {
             if d >= w.len() {
-                bail!("dimension {d} out of range: hidden size is {} (0..{})", w.len(), w.len() - 1);
+                bail!(
+                    "dimension {d} out of range: hidden size is {} (0..{})",
+                    w.len(),
+                    w.len() - 1
+                );
             }
             Ok(op.new_values(&w, &[d], &mut ops::tensor_rng(seed, &name))[0])
         })
@@ -87,7 +107,12 @@ pub fn scan_batched(
     on_done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
     let name = site.param_name();
-    let w = ops::values_f64(model.param(&name).context("norm weight missing")?.as_tensor())?;
+    let w = ops::values_f64(
+        model
+            .param(&name)
+            .context("norm weight missing")?
+            .as_tensor(),
+    )?;
     let h = w.len();
     let dtype = model.dtype();
     let mut out = vec![Vec::with_capacity(texts.len()); dims.len()];
@@ -113,7 +138,11 @@ pub fn scan_batched(
             let nll = match site {
                 NormSite::Final => mean_nll_with_final_norm(model, &xb, &idsb, Some(&wb))?,
                 NormSite::Input(l) | NormSite::PostAttention(l) => {
-                    let (iw, pw) = if matches!(site, NormSite::Input(_)) { (Some(&wb), None) } else { (None, Some(&wb)) };
+                    let (iw, pw) = if matches!(site, NormSite::Input(_)) {
+                        (Some(&wb), None)
+                    } else {
+                        (None, Some(&wb))
+                    };
                     let mut y = layer_with_norm_weights(model, l, &xb, &ctx, iw, pw)?;
                     for l2 in l + 1..model.config.num_layers {
                         y = model.layer(l2, &y, &ctx, false)?;
@@ -134,12 +163,24 @@ pub fn scan_batched(
 pub fn base_nll(model: &Model, texts: &[Vec<u32>]) -> Result<Vec<f64>> {
     texts
         .iter()
-        .map(|ids| Ok(model.token_nll(&Model::ids_tensor(ids)?, false)?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar()?))
+        .map(|ids| {
+            Ok(model
+                .token_nll(&Model::ids_tensor(ids)?, false)?
+                .mean_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar()?)
+        })
         .collect()
 }
 
 /// The reference: set the real norm weight entry, run full forwards, restore.
-pub fn scan_naive(model: &Model, site: NormSite, dims: &[usize], values: &[f64], texts: &[Vec<u32>]) -> Result<Vec<Vec<f64>>> {
+pub fn scan_naive(
+    model: &Model,
+    site: NormSite,
+    dims: &[usize],
+    values: &[f64],
+    texts: &[Vec<u32>],
+) -> Result<Vec<Vec<f64>>> {
     let name = site.param_name();
     let mut out = Vec::new();
     for (&d, &v) in dims.iter().zip(values) {
@@ -159,7 +200,9 @@ pub fn norm_gradient(model: &Model, site: NormSite, texts: &[Vec<u32>]) -> Resul
     for ids in texts {
         let loss = model.mean_nll(&Model::ids_tensor(ids)?)?;
         let grads = loss.backward()?;
-        let gi = grads.get(var.as_tensor()).context("no gradient for the norm weight")?;
+        let gi = grads
+            .get(var.as_tensor())
+            .context("no gradient for the norm weight")?;
         for (a, x) in g.iter_mut().zip(ops::values_f64(gi)?) {
             *a += x / texts.len() as f64;
         }

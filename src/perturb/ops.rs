@@ -35,7 +35,9 @@ impl FromStr for Op {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Op> {
         let num = |v: &str, what: &str| -> Result<f64> {
-            let x: f64 = v.parse().map_err(|_| anyhow::anyhow!("op '{s}': '{v}' is not a number ({what})"))?;
+            let x: f64 = v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("op '{s}': '{v}' is not a number ({what})"))?;
             if !x.is_finite() {
                 bail!("op '{s}': {what} must be finite");
             }
@@ -76,7 +78,10 @@ impl fmt::Display for Op {
 
 /// Parses `--op` values (repeated or comma-separated).
 pub fn parse_ops(values: &[String]) -> Result<Vec<Op>> {
-    let ops: Vec<Op> = crate::data::split_values(values).iter().map(|s| s.parse()).collect::<Result<_>>()?;
+    let ops: Vec<Op> = crate::data::split_values(values)
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
     if ops.is_empty() {
         bail!("no --op given (expected one of {OP_FORMS})");
     }
@@ -121,7 +126,15 @@ impl Op {
             Op::RandomizeUniform => {
                 let (m, s) = mean_std(w);
                 let half = s * 3f64.sqrt();
-                idx.iter().map(|_| if half > 0.0 { rng.gen_range(m - half..m + half) } else { m }).collect()
+                idx.iter()
+                    .map(|_| {
+                        if half > 0.0 {
+                            rng.gen_range(m - half..m + half)
+                        } else {
+                            m
+                        }
+                    })
+                    .collect()
             }
         }
     }
@@ -130,7 +143,11 @@ impl Op {
 /// Flat indices of the non-zero entries of a U8 mask tensor.
 pub fn mask_indices(t: &Tensor) -> Result<Vec<usize>> {
     let v: Vec<u8> = t.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
-    Ok(v.iter().enumerate().filter(|(_, &b)| b != 0).map(|(i, _)| i).collect())
+    Ok(v.iter()
+        .enumerate()
+        .filter(|(_, &b)| b != 0)
+        .map(|(i, _)| i)
+        .collect())
 }
 
 /// A tensor's values as f64 (exact for f32, f16, bf16).
@@ -160,7 +177,9 @@ impl Saved {
 
 /// Writes `vals` at flat indices `idx` of parameter `name`, in place.
 fn write_entries(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<()> {
-    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let var = model
+        .param(name)
+        .with_context(|| format!("{name}: not a parameter of this model"))?;
     let t = var.as_tensor();
     let mut w = values_f64(t)?;
     for (&i, &v) in idx.iter().zip(vals) {
@@ -174,7 +193,9 @@ fn write_entries(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Resu
 /// Applies `op` to the entries of `mask` (checked against the model), seeded per tensor.
 pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
     crate::mask::check_matches(mask, model)?;
-    let mut saved = Saved { touched: Vec::new() };
+    let mut saved = Saved {
+        touched: Vec::new(),
+    };
     for (name, m) in mask {
         let idx = mask_indices(m)?;
         if idx.is_empty() {
@@ -189,7 +210,11 @@ pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
             restore(model, saved)?;
             return Err(e);
         }
-        saved.touched.push(Touched { name: name.clone(), idx, old });
+        saved.touched.push(Touched {
+            name: name.clone(),
+            idx,
+            old,
+        });
     }
     Ok(saved)
 }
@@ -197,14 +222,22 @@ pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
 /// Sets entries `idx` of parameter `name` to `vals` (a hand-made perturbation), saving the
 /// old values for [`restore`].
 pub fn apply_values(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<Saved> {
-    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let var = model
+        .param(name)
+        .with_context(|| format!("{name}: not a parameter of this model"))?;
     let w = values_f64(var.as_tensor())?;
     if let Some(&i) = idx.iter().find(|&&i| i >= w.len()) {
         bail!("{name}: entry {i} out of range ({} entries)", w.len());
     }
     let old = idx.iter().map(|&i| w[i]).collect();
     write_entries(model, name, idx, vals)?;
-    Ok(Saved { touched: vec![Touched { name: name.to_string(), idx: idx.to_vec(), old }] })
+    Ok(Saved {
+        touched: vec![Touched {
+            name: name.to_string(),
+            idx: idx.to_vec(),
+            old,
+        }],
+    })
 }
 
 /// Puts back every entry [`apply`] changed (bitwise).
@@ -217,7 +250,9 @@ pub fn restore(model: &Model, saved: Saved) -> Result<()> {
 
 /// A mask selecting flat entries `idx` of parameter `name` of `model`.
 pub fn entries_mask(model: &Model, name: &str, idx: &[usize]) -> Result<Mask> {
-    let var = model.param(name).with_context(|| format!("{name}: not a parameter of this model"))?;
+    let var = model
+        .param(name)
+        .with_context(|| format!("{name}: not a parameter of this model"))?;
     let mut m = vec![0u8; var.elem_count()];
     for &i in idx {
         if i >= m.len() {
@@ -226,6 +261,9 @@ pub fn entries_mask(model: &Model, name: &str, idx: &[usize]) -> Result<Mask> {
         m[i] = 1;
     }
     let mut mask = Mask::new();
-    mask.insert(name.to_string(), Tensor::from_vec(m, var.dims(), &Device::Cpu)?);
+    mask.insert(
+        name.to_string(),
+        Tensor::from_vec(m, var.dims(), &Device::Cpu)?,
+    );
     Ok(mask)
 }

@@ -65,7 +65,10 @@ pub fn random_k_indices(n: usize, k: usize, rng: &mut impl rand::Rng) -> Vec<usi
 }
 
 /// Σ over score files of |score|, for the tensors named in `names` (f32, flattened).
-pub fn summed_abs_scores(files: &[PathBuf], names: &BTreeMap<String, Vec<usize>>) -> Result<BTreeMap<String, Vec<f32>>> {
+pub fn summed_abs_scores(
+    files: &[PathBuf],
+    names: &BTreeMap<String, Vec<usize>>,
+) -> Result<BTreeMap<String, Vec<f32>>> {
     if files.is_empty() {
         bail!("--controls bottom/top need the --scores files the region was made from");
     }
@@ -73,12 +76,21 @@ pub fn summed_abs_scores(files: &[PathBuf], names: &BTreeMap<String, Vec<usize>>
     for f in files {
         let (tensors, _) = read_safetensors(f)?;
         for (name, shape) in names {
-            let t = tensors.get(name).with_context(|| format!("{}: no score tensor {name}", f.display()))?;
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("{}: no score tensor {name}", f.display()))?;
             if t.dims() != shape.as_slice() {
-                bail!("{}: score tensor {name} has shape {:?}, the region has {:?}", f.display(), t.dims(), shape);
+                bail!(
+                    "{}: score tensor {name} has shape {:?}, the region has {:?}",
+                    f.display(),
+                    t.dims(),
+                    shape
+                );
             }
             let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            let acc = sum.entry(name.clone()).or_insert_with(|| vec![0f32; v.len()]);
+            let acc = sum
+                .entry(name.clone())
+                .or_insert_with(|| vec![0f32; v.len()]);
             for (a, x) in acc.iter_mut().zip(&v) {
                 *a += x.abs();
             }
@@ -98,7 +110,12 @@ fn mask_tensor(shape: &[usize], idx: &[usize]) -> Result<Tensor> {
 
 /// The control of `region` with the same count per tensor. `scores` (from
 /// [`summed_abs_scores`]) is needed for bottom/top; random is seeded per tensor.
-pub fn control(region: &Mask, kind: Control, scores: Option<&BTreeMap<String, Vec<f32>>>, seed: u64) -> Result<Mask> {
+pub fn control(
+    region: &Mask,
+    kind: Control,
+    scores: Option<&BTreeMap<String, Vec<f32>>>,
+    seed: u64,
+) -> Result<Mask> {
     let mut out = Mask::new();
     for (name, m) in region {
         let k = mask_indices(m)?.len();
@@ -107,7 +124,9 @@ pub fn control(region: &Mask, kind: Control, scores: Option<&BTreeMap<String, Ve
             Control::Random => random_k_indices(n, k, &mut tensor_rng(seed ^ 0x5eed_c0de, name)),
             Control::Bottom | Control::Top => {
                 let s = scores.context("bottom/top controls need --scores")?;
-                let s = s.get(name).with_context(|| format!("no scores for {name}"))?;
+                let s = s
+                    .get(name)
+                    .with_context(|| format!("no scores for {name}"))?;
                 top_k_indices(s, k, kind == Control::Top)
             }
         };

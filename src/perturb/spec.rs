@@ -48,7 +48,8 @@ fn parse_inner(s: &str, model: &Model) -> Result<Spec> {
     let target = if let Some(norm) = rest.strip_prefix("norm:") {
         let p: Vec<&str> = norm.split(':').collect();
         let num = |v: &str, what: &str| -> Result<usize> {
-            v.parse().map_err(|_| anyhow::anyhow!("'{v}' is not a {what} number (expected {FORMS})"))
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("'{v}' is not a {what} number (expected {FORMS})"))
         };
         let (site, dim) = match p.as_slice() {
             ["final", d] => (NormSite::Final, num(d, "dimension")?),
@@ -63,7 +64,10 @@ fn parse_inner(s: &str, model: &Model) -> Result<Spec> {
         };
         let h = model.config.hidden_size;
         if dim >= h {
-            bail!("dimension {dim} out of range: hidden size is {h} (0..{})", h - 1);
+            bail!(
+                "dimension {dim} out of range: hidden size is {h} (0..{})",
+                h - 1
+            );
         }
         Target::Norm(site, dim)
     } else {
@@ -73,7 +77,11 @@ fn parse_inner(s: &str, model: &Model) -> Result<Spec> {
         }
         Target::Region(path)
     };
-    Ok(Spec { text: s.to_string(), target, op })
+    Ok(Spec {
+        text: s.to_string(),
+        target,
+        op,
+    })
 }
 
 /// Parses a SPEC and checks it against `model` (layer and dimension ranges, mask shapes).

@@ -7,7 +7,7 @@ use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-/// The matrix kinds a hidden dimension appears in, with whether D is a column (true) or row.
+/// The parameter kinds a hidden dimension appears in, and how it sits in each.
 pub const KINDS: [(&str, Stripe); 9] = [
     ("self_attn.q_proj.weight", Stripe::Column),
     ("self_attn.k_proj.weight", Stripe::Column),
@@ -30,23 +30,35 @@ pub enum Stripe {
 
 /// Short kind label: `q_proj`, …, `input_layernorm`.
 pub fn kind_label(suffix: &str) -> &str {
-    suffix.trim_end_matches(".weight").rsplit('.').next().unwrap_or(suffix)
+    suffix
+        .trim_end_matches(".weight")
+        .rsplit('.')
+        .next()
+        .unwrap_or(suffix)
 }
 
 /// Mask of dimension `dim` in `layers`, restricted to the kinds whose suffix is in `kinds`.
 pub fn stripe_mask(model: &Model, dim: usize, layers: &[usize], kinds: &[&str]) -> Result<Mask> {
     let h = model.config.hidden_size;
     if dim >= h {
-        bail!("dimension {dim} out of range: hidden size is {h} (0..{})", h - 1);
+        bail!(
+            "dimension {dim} out of range: hidden size is {h} (0..{})",
+            h - 1
+        );
     }
     let mut mask = Mask::new();
     for &l in layers {
         if l >= model.config.num_layers {
-            bail!("layer {l} out of range: the model has {} layers", model.config.num_layers);
+            bail!(
+                "layer {l} out of range: the model has {} layers",
+                model.config.num_layers
+            );
         }
         for (suffix, stripe) in KINDS.iter().filter(|(s, _)| kinds.contains(s)) {
             let name = format!("model.layers.{l}.{suffix}");
-            let Some(var) = model.param(&name) else { bail!("{name}: not a parameter of this model") };
+            let Some(var) = model.param(&name) else {
+                bail!("{name}: not a parameter of this model")
+            };
             let dims = var.dims().to_vec();
             let mut m = vec![0u8; var.elem_count()];
             match stripe {

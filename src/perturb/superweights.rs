@@ -55,7 +55,9 @@ pub fn candidates(model: &Model, ids: &[u32]) -> Result<Vec<Candidate>> {
             }
             Ok(())
         })?;
-        let (Some(input), Some(output)) = (input, output) else { anyhow::bail!("layer {l}: down_proj probes missing") };
+        let (Some(input), Some(output)) = (input, output) else {
+            anyhow::bail!("layer {l}: down_proj probes missing")
+        };
         let (_, inter) = input.dims2()?;
         let (_, h) = output.dims2()?;
         let o: Vec<f64> = output.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
@@ -64,9 +66,25 @@ pub fn candidates(model: &Model, ids: &[u32]) -> Result<Vec<Candidate>> {
         let (token, row) = (oi / h, oi % h);
         let (col, iv) = argmax_abs(&i[token * inter..(token + 1) * inter]);
         let max_abs_input = argmax_abs(&i).1.abs();
-        let w = model.param(&format!("model.layers.{l}.mlp.down_proj.weight")).expect("down_proj exists");
-        let weight = w.as_tensor().get(row)?.get(col)?.to_dtype(DType::F64)?.to_scalar()?;
-        out.push(Candidate { layer: l, row, col, token, output_activation: ov, input_activation: iv, max_abs_input, weight });
+        let w = model
+            .param(&format!("model.layers.{l}.mlp.down_proj.weight"))
+            .expect("down_proj exists");
+        let weight = w
+            .as_tensor()
+            .get(row)?
+            .get(col)?
+            .to_dtype(DType::F64)?
+            .to_scalar()?;
+        out.push(Candidate {
+            layer: l,
+            row,
+            col,
+            token,
+            output_activation: ov,
+            input_activation: iv,
+            max_abs_input,
+            weight,
+        });
     }
     Ok(out)
 }

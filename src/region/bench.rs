@@ -65,7 +65,11 @@ pub struct SelectBench {
 pub fn run(numel: u64, k: f64, seed: u64) -> Result<SelectBench> {
     let sizes = synthetic_sizes(numel);
     let t = Instant::now();
-    let scores: Vec<Vec<f32>> = sizes.par_iter().enumerate().map(|(i, &n)| synthetic_scores(n, seed ^ i as u64)).collect();
+    let scores: Vec<Vec<f32>> = sizes
+        .par_iter()
+        .enumerate()
+        .map(|(i, &n)| synthetic_scores(n, seed ^ i as u64))
+        .collect();
     let generate_s = t.elapsed().as_secs_f64();
     let values: Vec<&[f32]> = scores.iter().map(Vec::as_slice).collect();
     let count = |_: usize, m: Vec<u8>| m.iter().map(|&b| b as u64).sum::<u64>();

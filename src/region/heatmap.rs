@@ -28,7 +28,11 @@ pub fn pool(rows: usize, cols: usize, max_side: usize, at: impl Fn(usize, usize)
             data[(r / fr) * pc + c / fc] += at(r, c);
         }
     }
-    Grid { rows: pr, cols: pc, data }
+    Grid {
+        rows: pr,
+        cols: pc,
+        data,
+    }
 }
 
 /// The pooled grid of a 0/1 tensor (a 1-D tensor is one row).
@@ -43,7 +47,9 @@ pub fn tensor_grid(b: &Bits) -> Grid {
 /// Layers × hidden dims: `counts[l][d]` pooled along d.
 pub fn overview_grid(counts: &[Vec<u64>]) -> Grid {
     let cols = counts.iter().map(Vec::len).max().unwrap_or(0);
-    pool(counts.len(), cols, MAX_SIDE, |r, c| counts[r].get(c).copied().unwrap_or(0) as f64)
+    pool(counts.len(), cols, MAX_SIDE, |r, c| {
+        counts[r].get(c).copied().unwrap_or(0) as f64
+    })
 }
 
 const STOPS: [(f64, [f64; 3]); 5] = [
@@ -72,7 +78,13 @@ pub fn render(g: &Grid, row_height: usize) -> Vec<u8> {
     for r in 0..g.rows {
         let line: Vec<u8> = g.data[r * g.cols..(r + 1) * g.cols]
             .iter()
-            .flat_map(|&v| if v > 0.0 { color((1.0 + v).ln() / denom) } else { [0, 0, 0] })
+            .flat_map(|&v| {
+                if v > 0.0 {
+                    color((1.0 + v).ln() / denom)
+                } else {
+                    [0, 0, 0]
+                }
+            })
             .collect();
         for _ in 0..row_height {
             out.extend_from_slice(&line);
@@ -97,7 +109,9 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>> {
 /// Writes a grid as a PNG (atomically), stretching short grids so the image is at least
 /// `min_height` pixels tall (never above [`MAX_SIDE`]).
 pub fn write_grid(path: &Path, g: &Grid, min_height: usize) -> Result<()> {
-    let rh = min_height.div_ceil(g.rows.max(1)).clamp(1, (MAX_SIDE / g.rows.max(1)).max(1));
+    let rh = min_height
+        .div_ceil(g.rows.max(1))
+        .clamp(1, (MAX_SIDE / g.rows.max(1)).max(1));
     let rgb = render(g, rh);
     crate::io::atomic_write(path, &encode_png(&rgb, g.cols, g.rows * rh)?)
 }

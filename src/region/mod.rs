@@ -40,7 +40,10 @@ pub struct Bits {
 impl Bits {
     /// All zeros.
     pub fn zeros(shape: &[usize]) -> Bits {
-        Bits { shape: shape.to_vec(), data: vec![0; shape.iter().product()] }
+        Bits {
+            shape: shape.to_vec(),
+            data: vec![0; shape.iter().product()],
+        }
     }
 
     /// Number of selected entries.
@@ -74,7 +77,10 @@ pub fn check_fraction(k: f64) -> Result<()> {
 pub fn to_mask(r: &Region) -> Result<Mask> {
     let mut out = Mask::new();
     for (n, b) in r {
-        out.insert(n.clone(), Tensor::from_vec(b.data.clone(), b.shape.as_slice(), &Device::Cpu)?);
+        out.insert(
+            n.clone(),
+            Tensor::from_vec(b.data.clone(), b.shape.as_slice(), &Device::Cpu)?,
+        );
     }
     Ok(out)
 }
@@ -90,7 +96,13 @@ pub fn from_mask(m: &Mask) -> Result<Region> {
         if let Some(v) = data.iter().find(|&&v| v > 1) {
             bail!("mask tensor {n} holds the value {v}; a mask holds only 0 and 1");
         }
-        out.insert(n.clone(), Bits { shape: t.dims().to_vec(), data });
+        out.insert(
+            n.clone(),
+            Bits {
+                shape: t.dims().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -110,7 +122,9 @@ pub fn save(path: &Path, r: &Region, how: serde_json::Value) -> Result<()> {
 pub fn check_same_layout(a: &Region, b: &Region, a_name: &str, b_name: &str) -> Result<()> {
     for (n, x) in a {
         match b.get(n) {
-            None => bail!("{b_name}: has no tensor {n} (which {a_name} has): the masks do not match"),
+            None => {
+                bail!("{b_name}: has no tensor {n} (which {a_name} has): the masks do not match")
+            }
             Some(y) if y.shape != x.shape => bail!(
                 "{b_name}: tensor {n} has shape {:?} but {a_name} has {:?}: the masks do not match",
                 y.shape,
@@ -127,5 +141,7 @@ pub fn check_same_layout(a: &Region, b: &Region, a_name: &str, b_name: &str) -> 
 
 /// The shapes of a region, for [`crate::mask::check_against_shapes`].
 pub fn shapes(r: &Region) -> Vec<(String, Vec<usize>)> {
-    r.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect()
+    r.iter()
+        .map(|(n, b)| (n.clone(), b.shape.clone()))
+        .collect()
 }

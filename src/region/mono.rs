@@ -12,7 +12,10 @@ use std::path::Path;
 pub fn minus_in_place(a: &mut Region, b: &Region) {
     for (n, x) in a.iter_mut() {
         if let Some(y) = b.get(n) {
-            x.data.iter_mut().zip(&y.data).for_each(|(p, q)| *p &= 1 - q);
+            x.data
+                .iter_mut()
+                .zip(&y.data)
+                .for_each(|(p, q)| *p &= 1 - q);
         }
     }
 }
@@ -28,9 +31,18 @@ pub fn union_in_place(a: &mut Region, b: &Region) {
 
 /// The monolingual region of `target` from one score file per language; returns the
 /// languages in file order and the region.
-pub fn mono(paths: &[impl AsRef<Path>], target: &str, k: f64, cov: Coverage, scope: Scope) -> Result<(Vec<String>, Region)> {
+pub fn mono(
+    paths: &[impl AsRef<Path>],
+    target: &str,
+    k: f64,
+    cov: Coverage,
+    scope: Scope,
+) -> Result<(Vec<String>, Region)> {
     if paths.len() < 2 {
-        bail!("mono needs score files of at least two languages (got {})", paths.len());
+        bail!(
+            "mono needs score files of at least two languages (got {})",
+            paths.len()
+        );
     }
     let mut langs = Vec::new();
     let mut own: Option<Region> = None;
@@ -60,7 +72,10 @@ pub fn mono(paths: &[impl AsRef<Path>], target: &str, k: f64, cov: Coverage, sco
         langs.push(lang);
     }
     let Some(mut own) = own else {
-        bail!("--target {target}: no score file has lang '{target}' (languages: {})", langs.join(", "));
+        bail!(
+            "--target {target}: no score file has lang '{target}' (languages: {})",
+            langs.join(", ")
+        );
     };
     if let Some(u) = &others {
         minus_in_place(&mut own, u);

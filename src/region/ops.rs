@@ -30,7 +30,13 @@ pub fn apply(op: SetOp, a: &Region, b: &Region) -> Region {
                     SetOp::Minus => p & (1 - q),
                 })
                 .collect();
-            (n.clone(), Bits { shape: x.shape.clone(), data })
+            (
+                n.clone(),
+                Bits {
+                    shape: x.shape.clone(),
+                    data,
+                },
+            )
         })
         .collect()
 }
@@ -62,7 +68,11 @@ impl Overlap {
             a,
             b,
             both,
-            jaccard: if union == 0 { 1.0 } else { both as f64 / union as f64 },
+            jaccard: if union == 0 {
+                1.0
+            } else {
+                both as f64 / union as f64
+            },
             of_a: ratio(both, a),
             of_b: ratio(both, b),
         }

@@ -24,11 +24,19 @@ fn open(path: &Path) -> Result<Mapped> {
         }
     })?;
     // SAFETY: the file is only read; score files are written atomically (rename), never in place.
-    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&f) }
+        .with_context(|| format!("{}: cannot map", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    let lang = meta.metadata().as_ref().and_then(|m| m.get("lang").cloned()).unwrap_or(stem);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let lang = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lang").cloned())
+        .unwrap_or(stem);
     Ok(Mapped { map, lang })
 }
 
@@ -38,17 +46,32 @@ pub fn lang_of(path: &Path) -> Result<String> {
 }
 
 /// Calls `f(name, shape, |values|)` for every covered tensor of a score file, in parallel.
-fn for_each_abs(path: &Path, cov: Coverage, f: impl Fn(&str, &[usize], Vec<f32>) -> Result<()> + Sync) -> Result<String> {
+fn for_each_abs(
+    path: &Path,
+    cov: Coverage,
+    f: impl Fn(&str, &[usize], Vec<f32>) -> Result<()> + Sync,
+) -> Result<String> {
     let m = open(path)?;
     let st = safetensors::SafeTensors::deserialize(&m.map)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    let views: Vec<_> = st.tensors().into_iter().filter(|(n, _)| is_covered(n, cov)).collect();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| is_covered(n, cov))
+        .collect();
     if views.is_empty() {
-        bail!("{}: no tensors covered by this region's coverage", path.display());
+        bail!(
+            "{}: no tensors covered by this region's coverage",
+            path.display()
+        );
     }
     views.par_iter().try_for_each(|(name, v)| {
         if v.dtype() != safetensors::Dtype::F32 {
-            bail!("{}: tensor {name} is {:?}, scores must be F32", path.display(), v.dtype());
+            bail!(
+                "{}: tensor {name} is {:?}, scores must be F32",
+                path.display(),
+                v.dtype()
+            );
         }
         let vals: Vec<f32> = v
             .data()
@@ -56,7 +79,10 @@ fn for_each_abs(path: &Path, cov: Coverage, f: impl Fn(&str, &[usize], Vec<f32>)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
             .collect();
         if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
-            bail!("{}: tensor {name} has a non-finite score at flat index {i}", path.display());
+            bail!(
+                "{}: tensor {name} has a non-finite score at flat index {i}",
+                path.display()
+            );
         }
         f(name, v.shape(), vals)
     })?;
@@ -67,7 +93,13 @@ fn for_each_abs(path: &Path, cov: Coverage, f: impl Fn(&str, &[usize], Vec<f32>)
 pub fn read_abs(path: &Path, cov: Coverage) -> Result<(String, Scores)> {
     let out = std::sync::Mutex::new(Scores::new());
     let lang = for_each_abs(path, cov, |n, s, data| {
-        out.lock().unwrap().insert(n.to_string(), Dense { shape: s.to_vec(), data });
+        out.lock().unwrap().insert(
+            n.to_string(),
+            Dense {
+                shape: s.to_vec(),
+                data,
+            },
+        );
         Ok(())
     })?;
     Ok((lang, out.into_inner().unwrap()))
@@ -76,7 +108,9 @@ pub fn read_abs(path: &Path, cov: Coverage) -> Result<(String, Scores)> {
 /// Σ over files of |score|, covered tensors only, with each file's language. Every file must
 /// hold the same covered tensor names and shapes; languages must differ.
 pub fn sum_abs(paths: &[impl AsRef<Path>], cov: Coverage) -> Result<(Vec<String>, Scores)> {
-    let Some(first) = paths.first() else { bail!("no score files given (use --scores FILE…)") };
+    let Some(first) = paths.first() else {
+        bail!("no score files given (use --scores FILE…)")
+    };
     let first = first.as_ref();
     let (lang, acc) = read_abs(first, cov)?;
     let mut langs = vec![lang];
@@ -100,7 +134,11 @@ pub fn sum_abs(paths: &[impl AsRef<Path>], cov: Coverage) -> Result<(Vec<String>
             Ok(())
         })?;
         if let Some(n) = names.difference(&seen.into_inner().unwrap()).next() {
-            bail!("{}: has no tensor {n} (which {} has; score files of different models?)", p.display(), first.display());
+            bail!(
+                "{}: has no tensor {n} (which {} has; score files of different models?)",
+                p.display(),
+                first.display()
+            );
         }
         if langs.contains(&lang) {
             bail!("{}: language '{lang}' given twice", p.display());

@@ -62,7 +62,11 @@ const CHUNK: usize = 1 << 20;
 const BUCKETS: usize = 1 << 16;
 
 /// Histogram over all values of `bucket(rank)` (None = not counted).
-fn histogram(values: &[&[f32]], dir: Direction, bucket: impl Fn(u32) -> Option<u32> + Sync) -> Vec<u64> {
+fn histogram(
+    values: &[&[f32]],
+    dir: Direction,
+    bucket: impl Fn(u32) -> Option<u32> + Sync,
+) -> Vec<u64> {
     let chunks: Vec<&[f32]> = values.iter().flat_map(|v| v.chunks(CHUNK)).collect();
     chunks
         .par_iter()
@@ -101,9 +105,15 @@ fn find_bucket(h: &[u64], want: u64) -> (u32, u64) {
 /// Finds the cut that selects exactly `count` entries from `values` (tensors in order).
 pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
     let total: u64 = values.iter().map(|v| v.len() as u64).sum();
-    assert!(count <= total, "cut: count {count} exceeds the {total} entries");
+    assert!(
+        count <= total,
+        "cut: count {count} exceeds the {total} entries"
+    );
     if count == 0 {
-        return Cut { rank: 0, ties: vec![0; values.len()] };
+        return Cut {
+            rank: 0,
+            ties: vec![0; values.len()],
+        };
     }
     let hi = histogram(values, dir, |r| Some(r >> 16));
     let (b, below_hi) = find_bucket(&hi, count);
@@ -112,7 +122,10 @@ pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
     let rank_cut = (b << 16) | l;
     let need = count - below_hi - below_lo;
     if need == lo[l as usize] {
-        return Cut { rank: rank_cut, ties: vec![u64::MAX; values.len()] };
+        return Cut {
+            rank: rank_cut,
+            ties: vec![u64::MAX; values.len()],
+        };
     }
     // only part of the tied entries is taken: hand them out in tensor order
     let per: Vec<u64> = values
@@ -128,13 +141,19 @@ pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
             t
         })
         .collect();
-    Cut { rank: rank_cut, ties }
+    Cut {
+        rank: rank_cut,
+        ties,
+    }
 }
 
 /// The 0/1 mask of one tensor under a cut (`ties` = that tensor's share of the tied entries).
 pub fn apply(values: &[f32], rank_cut: u32, ties: u64, dir: Direction) -> Vec<u8> {
     if ties == u64::MAX {
-        return values.iter().map(|&v| (rank(v, dir) <= rank_cut) as u8).collect();
+        return values
+            .iter()
+            .map(|&v| (rank(v, dir) <= rank_cut) as u8)
+            .collect();
     }
     let mut taken = 0u64;
     values
@@ -174,7 +193,11 @@ pub fn select_map<T: Send>(
         Scope::Global => {
             let total: u64 = values.iter().map(|v| v.len() as u64).sum();
             let c = cut(values, region_size(k, total), dir);
-            values.par_iter().enumerate().map(|(i, v)| f(i, apply(v, c.rank, c.ties[i], dir))).collect()
+            values
+                .par_iter()
+                .enumerate()
+                .map(|(i, v)| f(i, apply(v, c.rank, c.ties[i], dir)))
+                .collect()
         }
     }
 }
@@ -186,6 +209,14 @@ pub fn select(scores: &Scores, k: f64, dir: Direction, scope: Scope) -> Region {
     scores
         .iter()
         .zip(masks)
-        .map(|((n, d), data)| (n.clone(), Bits { shape: d.shape.clone(), data }))
+        .map(|((n, d), data)| {
+            (
+                n.clone(),
+                Bits {
+                    shape: d.shape.clone(),
+                    data,
+                },
+            )
+        })
         .collect()
 }

@@ -24,7 +24,15 @@ pub enum HiddenAxis {
     None,
 }
 
-const READS: [&str; 7] = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "embed_tokens.weight", "lm_head.weight"];
+const READS: [&str; 7] = [
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "embed_tokens.weight",
+    "lm_head.weight",
+];
 const WRITES: [&str; 2] = ["o_proj.weight", "down_proj.weight"];
 
 /// The hidden axis of parameter `name` with `rank` dimensions.
@@ -39,7 +47,11 @@ pub fn hidden_axis(name: &str, rank: usize) -> HiddenAxis {
 
 /// The layer index of `model.layers.{l}.…`.
 pub fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The short name of a parameter: `q_proj`, `down_proj`, `input_layernorm`, `q_proj.bias`.
@@ -80,7 +92,11 @@ pub fn gini(counts: &[u64]) -> f64 {
     }
     let mut s = counts.to_vec();
     s.sort_unstable();
-    let weighted: f64 = s.iter().enumerate().map(|(i, &x)| (i + 1) as f64 * x as f64).sum();
+    let weighted: f64 = s
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i + 1) as f64 * x as f64)
+        .sum();
     2.0 * weighted / (n as f64 * total as f64) - (n as f64 + 1.0) / n as f64
 }
 
@@ -93,7 +109,11 @@ pub fn concentration(counts: &[u64]) -> Concentration {
     let top: u64 = s.iter().take(m).sum();
     Concentration {
         gini: gini(counts),
-        top1pct_share: if total == 0 { 0.0 } else { top as f64 / total as f64 },
+        top1pct_share: if total == 0 {
+            0.0
+        } else {
+            top as f64 / total as f64
+        },
         top1pct_len: m,
     }
 }
@@ -104,7 +124,15 @@ pub fn top_n(counts: &[u64], n: usize, total: u64) -> Vec<Ranked> {
     idx.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
     idx.truncate(n);
     idx.into_iter()
-        .map(|i| Ranked { index: i, count: counts[i], share: if total == 0 { 0.0 } else { counts[i] as f64 / total as f64 } })
+        .map(|i| Ranked {
+            index: i,
+            count: counts[i],
+            share: if total == 0 {
+                0.0
+            } else {
+                counts[i] as f64 / total as f64
+            },
+        })
         .collect()
 }
 
@@ -190,7 +218,13 @@ pub fn tensor_stats(name: &str, b: &Bits) -> TensorStats {
         t.row_counts = rows;
         t.col_counts = cols;
     } else if b.shape.len() == 1 {
-        t.selected = b.data.iter().enumerate().filter(|(_, &v)| v != 0).map(|(i, _)| i).collect();
+        t.selected = b
+            .data
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v != 0)
+            .map(|(i, _)| i)
+            .collect();
     }
     t
 }
@@ -282,7 +316,11 @@ pub fn region_stats(r: &Region) -> RegionStats {
             })
         })
         .collect();
-    conc.sort_by(|a, b| b.top1pct_share.total_cmp(&a.top1pct_share).then(a.name.cmp(&b.name)));
+    conc.sort_by(|a, b| {
+        b.top1pct_share
+            .total_cmp(&a.top1pct_share)
+            .then(a.name.cmp(&b.name))
+    });
     conc.truncate(10);
     RegionStats {
         count: tensors.iter().map(|t| t.count).sum(),
@@ -304,13 +342,24 @@ pub fn layer_stats(tensors: &[TensorStats]) -> Vec<LayerStats> {
     }
     let mut out = Vec::new();
     for (layer, ts) in by_layer {
-        let mats: Vec<&&TensorStats> = ts.iter().filter(|t| !t.hidden_counts().is_empty()).collect();
-        let Some(h) = mats.first().map(|t| t.hidden_counts().len()) else { continue };
+        let mats: Vec<&&TensorStats> = ts
+            .iter()
+            .filter(|t| !t.hidden_counts().is_empty())
+            .collect();
+        let Some(h) = mats.first().map(|t| t.hidden_counts().len()) else {
+            continue;
+        };
         let mut counts = vec![0u64; h];
         let mut tops: Vec<(String, Vec<usize>)> = Vec::new();
         for t in mats.iter().filter(|t| t.hidden_counts().len() == h) {
-            counts.iter_mut().zip(t.hidden_counts()).for_each(|(a, b)| *a += b);
-            let top = top_n(t.hidden_counts(), 10, t.count).into_iter().map(|r| r.index).collect();
+            counts
+                .iter_mut()
+                .zip(t.hidden_counts())
+                .for_each(|(a, b)| *a += b);
+            let top = top_n(t.hidden_counts(), 10, t.count)
+                .into_iter()
+                .map(|r| r.index)
+                .collect();
             tops.push((short_name(&t.name), top));
         }
         let total: u64 = counts.iter().sum();
@@ -320,7 +369,11 @@ pub fn layer_stats(tensors: &[TensorStats]) -> Vec<LayerStats> {
                 dim: r.index,
                 count: r.count,
                 share: r.share,
-                matrices: tops.iter().filter(|(_, t)| t.contains(&r.index)).map(|(n, _)| n.clone()).collect(),
+                matrices: tops
+                    .iter()
+                    .filter(|(_, t)| t.contains(&r.index))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             })
             .collect();
         let norm_dims = ts
@@ -328,7 +381,14 @@ pub fn layer_stats(tensors: &[TensorStats]) -> Vec<LayerStats> {
             .filter(|t| t.hidden_axis == HiddenAxis::Entry)
             .map(|t| (short_name(&t.name), t.selected.clone()))
             .collect();
-        out.push(LayerStats { layer, count: total, concentration: concentration(&counts), top_dims, norm_dims, hidden_counts: counts });
+        out.push(LayerStats {
+            layer,
+            count: total,
+            concentration: concentration(&counts),
+            top_dims,
+            norm_dims,
+            hidden_counts: counts,
+        });
     }
     out
 }
@@ -338,7 +398,10 @@ pub fn global_stats(layers: &[LayerStats]) -> Option<GlobalStats> {
     let h = layers.first()?.hidden_counts.len();
     let mut counts = vec![0u64; h];
     for l in layers.iter().filter(|l| l.hidden_counts.len() == h) {
-        counts.iter_mut().zip(&l.hidden_counts).for_each(|(a, b)| *a += b);
+        counts
+            .iter_mut()
+            .zip(&l.hidden_counts)
+            .for_each(|(a, b)| *a += b);
     }
     let total: u64 = counts.iter().sum();
     let top_dims = top_n(&counts, 20, total)
@@ -347,11 +410,23 @@ pub fn global_stats(layers: &[LayerStats]) -> Option<GlobalStats> {
             dim: r.index,
             count: r.count,
             share: r.share,
-            layers_in_top10: layers.iter().filter(|l| l.top_dims.iter().any(|d| d.dim == r.index)).count(),
-            norm_layers: layers.iter().filter(|l| l.norm_dims.values().any(|v| v.contains(&r.index))).count(),
+            layers_in_top10: layers
+                .iter()
+                .filter(|l| l.top_dims.iter().any(|d| d.dim == r.index))
+                .count(),
+            norm_layers: layers
+                .iter()
+                .filter(|l| l.norm_dims.values().any(|v| v.contains(&r.index)))
+                .count(),
         })
         .collect();
-    Some(GlobalStats { hidden_size: h, count: total, concentration: concentration(&counts), top_dims, hidden_counts: counts })
+    Some(GlobalStats {
+        hidden_size: h,
+        count: total,
+        concentration: concentration(&counts),
+        top_dims,
+        hidden_counts: counts,
+    })
 }
 
 /// Tensors worth a heatmap: layer 0's q_proj, the last layer's down_proj and the `extra`

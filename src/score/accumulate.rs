@@ -24,18 +24,31 @@ pub struct GradSum {
 impl GradSum {
     /// An empty sum for `model`'s parameters.
     pub fn zeros(model: &Model) -> GradSum {
-        let sums = model.params.iter().map(|p| vec![0f64; p.var.elem_count()]).collect();
-        GradSum { sums, windows: 0, tokens: 0 }
+        let sums = model
+            .params
+            .iter()
+            .map(|p| vec![0f64; p.var.elem_count()])
+            .collect();
+        GradSum {
+            sums,
+            windows: 0,
+            tokens: 0,
+        }
     }
 
     /// Adds the gradients of windows `wins` of `ids` (all of one length), computed as one batch.
     pub fn add_batch(&mut self, model: &Model, ids: &[u32], wins: &[Range<usize>]) -> Result<()> {
-        let Some(first) = wins.first() else { return Ok(()) };
+        let Some(first) = wins.first() else {
+            return Ok(());
+        };
         let t = first.len();
         if wins.iter().any(|w| w.len() != t) {
             bail!("windows of one batch must have equal lengths");
         }
-        let flat: Vec<u32> = wins.iter().flat_map(|w| ids[w.clone()].iter().copied()).collect();
+        let flat: Vec<u32> = wins
+            .iter()
+            .flat_map(|w| ids[w.clone()].iter().copied())
+            .collect();
         let batch = Tensor::from_vec(flat, (wins.len(), t), &Device::Cpu)?;
         let grads = model.mean_nll(&batch)?.backward()?;
         let scale = wins.len() as f64;
@@ -58,26 +71,42 @@ fn add_scaled(sum: &mut [f64], g: &Tensor, scale: f64) -> Result<()> {
     const CHUNK: usize = 1 << 16;
     let g = g.contiguous()?;
     let (storage, layout) = g.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets().context("gradient is not contiguous")?;
-    let Storage::Cpu(cpu) = &*storage else { bail!("gradients must be on the CPU") };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .context("gradient is not contiguous")?;
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("gradients must be on the CPU")
+    };
+    if end - start != sum.len() {
+        bail!(
+            "gradient has {} values, the parameter {}",
+            end - start,
+            sum.len()
+        );
+    }
     match g.dtype() {
         DType::F64 => {
             let v = &cpu.as_slice::<f64>()?[start..end];
-            sum.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(s, v)| {
-                s.iter_mut().zip(v).for_each(|(s, v)| *s += scale * v);
-            });
+            sum.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(s, v)| {
+                    s.iter_mut().zip(v).for_each(|(s, v)| *s += scale * v);
+                });
         }
         DType::F32 => {
             let v = &cpu.as_slice::<f32>()?[start..end];
-            sum.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(s, v)| {
-                s.iter_mut().zip(v).for_each(|(s, v)| *s += scale * *v as f64);
-            });
+            sum.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(s, v)| {
+                    s.iter_mut()
+                        .zip(v)
+                        .for_each(|(s, v)| *s += scale * *v as f64);
+                });
         }
-        d => {
+        _ => {
             drop(storage);
             let v = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             sum.iter_mut().zip(v).for_each(|(s, v)| *s += scale * v);
-            let _ = d;
         }
     }
     Ok(())
@@ -85,12 +114,21 @@ fn add_scaled(sum: &mut [f64], g: &Tensor, scale: f64) -> Result<()> {
 
 /// A parameter's values as f64.
 pub fn param_f64(model: &Model, i: usize) -> Result<Vec<f64>> {
-    Ok(model.params[i].var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(model.params[i]
+        .var
+        .as_tensor()
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?)
 }
 
 /// θ ⊙ s for parameter `i`, in f64.
 pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
-    Ok(param_f64(model, i)?.iter().zip(s).map(|(t, g)| t * g).collect())
+    Ok(param_f64(model, i)?
+        .iter()
+        .zip(s)
+        .map(|(t, g)| t * g)
+        .collect())
 }
 
 /// The score from θ ⊙ Σg over `windows` windows: |θ ⊙ Σg| / W.
@@ -102,7 +140,12 @@ pub fn score_from_product(product: &[f64], windows: usize) -> Vec<f64> {
 /// Importance of every parameter over `ids` in memory (no files): windows of `seq_len`
 /// (see [`super::windows::windows`]), batches of `batch`; returns (name, |θ ⊙ g|) in f64
 /// with g = (1/W) Σ_w ∇ mean-NLL(window w).
-pub fn importance(model: &Model, ids: &[u32], seq_len: usize, batch: usize) -> Result<Vec<(String, Vec<f64>)>> {
+pub fn importance(
+    model: &Model,
+    ids: &[u32],
+    seq_len: usize,
+    batch: usize,
+) -> Result<Vec<(String, Vec<f64>)>> {
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -115,6 +158,11 @@ pub fn importance(model: &Model, ids: &[u32], seq_len: usize, batch: usize) -> R
         .params
         .iter()
         .enumerate()
-        .map(|(i, p)| Ok((p.name.clone(), score_from_product(&times_param(model, i, &acc.sums[i])?, acc.windows))))
+        .map(|(i, p)| {
+            Ok((
+                p.name.clone(),
+                score_from_product(&times_param(model, i, &acc.sums[i])?, acc.windows),
+            ))
+        })
         .collect()
 }

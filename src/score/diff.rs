@@ -10,10 +10,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Checks that `tuned` has exactly `base`'s parameter names and shapes.
-pub fn check_same_params(base: &Model, base_path: &Path, tuned: &Model, tuned_path: &Path) -> Result<()> {
+pub fn check_same_params(
+    base: &Model,
+    base_path: &Path,
+    tuned: &Model,
+    tuned_path: &Path,
+) -> Result<()> {
     for p in &base.params {
         match tuned.param(&p.name) {
-            None => bail!("{}: no tensor {} (it is in --base {}); not a fine-tune of that model", tuned_path.display(), p.name, base_path.display()),
+            None => bail!(
+                "{}: no tensor {} (it is in --base {}); not a fine-tune of that model",
+                tuned_path.display(),
+                p.name,
+                base_path.display()
+            ),
             Some(v) if v.dims() != p.var.dims() => bail!(
                 "{}: tensor {} has shape {:?}, but {:?} in --base {}",
                 tuned_path.display(),
@@ -26,7 +36,12 @@ pub fn check_same_params(base: &Model, base_path: &Path, tuned: &Model, tuned_pa
         }
     }
     if let Some(p) = tuned.params.iter().find(|p| base.param(&p.name).is_none()) {
-        bail!("{}: tensor {} is not in --base {}", tuned_path.display(), p.name, base_path.display());
+        bail!(
+            "{}: tensor {} is not in --base {}",
+            tuned_path.display(),
+            p.name,
+            base_path.display()
+        );
     }
     Ok(())
 }
@@ -35,7 +50,13 @@ pub fn check_same_params(base: &Model, base_path: &Path, tuned: &Model, tuned_pa
 pub fn diff_values(a: &[f64], b: &[f64], relative: bool, eps: f64) -> Vec<f64> {
     a.iter()
         .zip(b)
-        .map(|(x, y)| if relative { (y - x).abs() / (x.abs() + eps) } else { (y - x).abs() })
+        .map(|(x, y)| {
+            if relative {
+                (y - x).abs() / (x.abs() + eps)
+            } else {
+                (y - x).abs()
+            }
+        })
         .collect()
 }
 
@@ -58,7 +79,15 @@ pub fn write_diff(
     }
     let mut meta = BTreeMap::new();
     meta.insert("lang".to_string(), lang.to_string());
-    meta.insert("method".to_string(), if relative { METHOD_DIFF_RELATIVE } else { METHOD_DIFF }.to_string());
+    meta.insert(
+        "method".to_string(),
+        if relative {
+            METHOD_DIFF_RELATIVE
+        } else {
+            METHOD_DIFF
+        }
+        .to_string(),
+    );
     meta.insert("tokens".to_string(), "0".to_string());
     meta.insert("seq_len".to_string(), "0".to_string());
     meta.insert("model_sha256".to_string(), base_sha256.to_string());
@@ -67,13 +96,27 @@ pub fn write_diff(
     if relative {
         meta.insert("eps".to_string(), format!("{eps:e}"));
     }
-    let entries: Vec<(String, Vec<usize>)> = base.params.iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect();
+    let entries: Vec<(String, Vec<usize>)> = base
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect();
     let vals = |m: &Model, name: &str| -> Result<Vec<f64>> {
-        let v = m.param(name).with_context(|| format!("no tensor {name} in both models"))?;
-        Ok(v.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+        let v = m
+            .param(name)
+            .with_context(|| format!("no tensor {name} in both models"))?;
+        Ok(v.as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?)
     };
     files::write(out, &entries, Store::F32, &meta, |i| {
         let name = &entries[i].0;
-        Ok(diff_values(&vals(base, name)?, &vals(tuned, name)?, relative, eps))
+        Ok(diff_values(
+            &vals(base, name)?,
+            &vals(tuned, name)?,
+            relative,
+            eps,
+        ))
     })
 }

@@ -54,12 +54,17 @@ pub fn write(
         head.push(b' ');
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create directory", parent.display()))?;
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let res = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&(head.len() as u64).to_le_bytes())?;
         w.write_all(&head)?;
@@ -68,9 +73,18 @@ pub fn write(
             if v.len() != shape.iter().product::<usize>() {
                 bail!("tensor {tname}: {} values for shape {shape:?}", v.len());
             }
-            match store {
-                Store::F64 => v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
-                Store::F32 => v.iter().try_for_each(|x| w.write_all(&(*x as f32).to_le_bytes()))?,
+            let mut buf = Vec::with_capacity(8 << 13);
+            for part in v.chunks(1 << 13) {
+                buf.clear();
+                match store {
+                    Store::F64 => part
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                    Store::F32 => part
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&(*x as f32).to_le_bytes())),
+                }
+                w.write_all(&buf)?;
             }
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -85,12 +99,18 @@ pub fn write(
     Ok(())
 }
 
+/// A stored tensor: dtype name, shape, byte range in the data section.
+struct Stored {
+    dtype: String,
+    shape: Vec<usize>,
+    range: (usize, usize),
+}
+
 /// A safetensors file opened through a memory map.
 pub struct Mapped {
     map: memmap2::Mmap,
     header_len: usize,
-    /// name → (dtype, shape, byte range in the data section)
-    tensors: HashMap<String, (String, Vec<usize>, (usize, usize))>,
+    tensors: HashMap<String, Stored>,
     /// Tensor names in file (data offset) order.
     pub names: Vec<String>,
     pub meta: HashMap<String, String>,
@@ -100,40 +120,75 @@ pub struct Mapped {
 impl Mapped {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<Mapped> {
-        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the files are written once (renamed into place) and never modified in place.
-        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-        let (header_len, md) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        let (header_len, md) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+        })?;
         let tensors: HashMap<_, _> = md
             .tensors()
             .into_iter()
-            .map(|(n, info)| (n, (format!("{:?}", info.dtype), info.shape.clone(), info.data_offsets)))
+            .map(|(n, info)| {
+                let dtype = format!("{:?}", info.dtype);
+                (
+                    n,
+                    Stored {
+                        dtype,
+                        shape: info.shape.clone(),
+                        range: info.data_offsets,
+                    },
+                )
+            })
             .collect();
         let mut names: Vec<String> = tensors.keys().cloned().collect();
-        names.sort_by_key(|n| tensors[n].2);
-        Ok(Mapped { map, header_len, tensors, names, meta: md.metadata().clone().unwrap_or_default(), path: path.to_path_buf() })
+        names.sort_by_key(|n| tensors[n].range);
+        Ok(Mapped {
+            map,
+            header_len,
+            tensors,
+            names,
+            meta: md.metadata().clone().unwrap_or_default(),
+            path: path.to_path_buf(),
+        })
     }
 
     /// A metadata value, or an error naming the file.
     pub fn meta(&self, key: &str) -> Result<&str> {
-        self.meta.get(key).map(String::as_str).with_context(|| format!("{}: metadata has no '{key}'", self.path.display()))
+        self.meta
+            .get(key)
+            .map(String::as_str)
+            .with_context(|| format!("{}: metadata has no '{key}'", self.path.display()))
     }
 
     /// Shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.1.as_slice())
+        self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
     /// Tensor `name` as f64 (stored as F64 or F32).
     pub fn f64s(&self, name: &str) -> Result<Vec<f64>> {
-        let (dtype, _, (s, e)) =
-            self.tensors.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let t = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let (dtype, (s, e)) = (&t.dtype, t.range);
         let data = &self.map[8 + self.header_len + s..8 + self.header_len + e];
         Ok(match dtype.as_str() {
-            "F64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-            "F32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            d => bail!("{}: tensor {name} has dtype {d}, expected F64 or F32", self.path.display()),
+            "F64" => data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            "F32" => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            d => bail!(
+                "{}: tensor {name} has dtype {d}, expected F64 or F32",
+                self.path.display()
+            ),
         })
     }
 }

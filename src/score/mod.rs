@@ -41,13 +41,27 @@ pub struct ScoreFile {
 pub fn load(path: &Path) -> Result<ScoreFile> {
     let (tensors, meta) = crate::io::read_safetensors(path)?;
     let get = |k: &str| {
-        meta.get(k).cloned().with_context(|| format!("{}: not a score file (metadata has no '{k}')", path.display()))
+        meta.get(k).cloned().with_context(|| {
+            format!(
+                "{}: not a score file (metadata has no '{k}')",
+                path.display()
+            )
+        })
     };
     let (lang, method) = (get("lang")?, get("method")?);
     if method.ends_with("-partial") {
-        bail!("{}: a shard's partial sum, not a score file (run `broca score merge`)", path.display());
+        bail!(
+            "{}: a shard's partial sum, not a score file (run `broca score merge`)",
+            path.display()
+        );
     }
-    Ok(ScoreFile { path: path.to_path_buf(), lang, method, tensors, meta })
+    Ok(ScoreFile {
+        path: path.to_path_buf(),
+        lang,
+        method,
+        tensors,
+        meta,
+    })
 }
 
 impl ScoreFile {
@@ -55,7 +69,11 @@ impl ScoreFile {
     pub fn check_matches(&self, model: &Model) -> Result<()> {
         for p in &model.params {
             match self.tensors.get(&p.name) {
-                None => bail!("{}: no tensor {} (scores for another model?)", self.path.display(), p.name),
+                None => bail!(
+                    "{}: no tensor {} (scores for another model?)",
+                    self.path.display(),
+                    p.name
+                ),
                 Some(t) if t.dims() != p.var.dims() => bail!(
                     "{}: tensor {} has shape {:?}, the model's is {:?}",
                     self.path.display(),
@@ -67,8 +85,16 @@ impl ScoreFile {
             }
         }
         if self.tensors.len() != model.params.len() {
-            let extra = self.tensors.keys().find(|n| model.param(n).is_none()).cloned().unwrap_or_default();
-            bail!("{}: tensor {extra} is not a parameter of the model", self.path.display());
+            let extra = self
+                .tensors
+                .keys()
+                .find(|n| model.param(n).is_none())
+                .cloned()
+                .unwrap_or_default();
+            bail!(
+                "{}: tensor {extra} is not a parameter of the model",
+                self.path.display()
+            );
         }
         Ok(())
     }
@@ -96,7 +122,8 @@ pub fn model_sha256(path: &Path) -> Result<String> {
     }
     let mut h = Sha256::new();
     for f in files {
-        let mut r = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let mut r =
+            std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
         std::io::copy(&mut r, &mut h)?;
     }
     Ok(hex::encode(h.finalize()))

@@ -89,10 +89,19 @@ pub fn shard_path(out: &Path, lang: &str, shard: Shard) -> PathBuf {
 }
 
 /// Hash of everything that decides the bits of a result.
-pub fn args_hash(model_sha256: &str, lang: &str, ids: &[u32], seq_len: usize, batch: usize) -> String {
+pub fn args_hash(
+    model_sha256: &str,
+    lang: &str,
+    ids: &[u32],
+    seq_len: usize,
+    batch: usize,
+) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(format!("broca-score-v1|{model_sha256}|{lang}|{seq_len}|{batch}|{}|", ids.len()));
+    h.update(format!(
+        "broca-score-v1|{model_sha256}|{lang}|{seq_len}|{batch}|{}|",
+        ids.len()
+    ));
     for id in ids {
         h.update(id.to_le_bytes());
     }
@@ -101,7 +110,11 @@ pub fn args_hash(model_sha256: &str, lang: &str, ids: &[u32], seq_len: usize, ba
 
 /// Rejects language names that cannot be file names.
 pub fn check_lang(lang: &str) -> Result<()> {
-    if lang.is_empty() || lang.starts_with('.') || lang.contains(['/', '\\']) || lang.contains(".shard-") {
+    if lang.is_empty()
+        || lang.starts_with('.')
+        || lang.contains(['/', '\\'])
+        || lang.contains(".shard-")
+    {
         bail!("'{lang}': not usable as a language name (it names the output file)");
     }
     Ok(())
@@ -122,7 +135,13 @@ fn done_with(path: &Path, hash: &str) -> Result<bool> {
     Ok(true)
 }
 
-fn base_meta(lang: &str, model_sha256: &str, seq_len: usize, batch: usize, hash: &str) -> BTreeMap<String, String> {
+fn base_meta(
+    lang: &str,
+    model_sha256: &str,
+    seq_len: usize,
+    batch: usize,
+    hash: &str,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("lang".into(), lang.to_string());
     m.insert("seq_len".into(), seq_len.to_string());
@@ -134,13 +153,23 @@ fn base_meta(lang: &str, model_sha256: &str, seq_len: usize, batch: usize, hash:
 }
 
 fn entries(model: &Model) -> Vec<(String, Vec<usize>)> {
-    model.params.iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect()
+    model
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect()
 }
 
 /// Scores one language (or one shard of it), resuming from `DIR/.partial/` when a state is
 /// there and skipping when the result already exists. `progress(tokens)` is called per batch
 /// (and once with the tokens taken over from a checkpoint or a finished result).
-pub fn score_language(job: &Job, lang: &str, ids: &[u32], opts: &Options, progress: &mut dyn FnMut(usize)) -> Result<Outcome> {
+pub fn score_language(
+    job: &Job,
+    lang: &str,
+    ids: &[u32],
+    opts: &Options,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Outcome> {
     check_lang(lang)?;
     if opts.batch == 0 {
         bail!("--batch must be at least 1");
@@ -148,7 +177,10 @@ pub fn score_language(job: &Job, lang: &str, ids: &[u32], opts: &Options, progre
     let start = Instant::now();
     let wins = windows(ids.len(), opts.seq_len).with_context(|| format!("language {lang}"))?;
     let hash = args_hash(job.model_sha256, lang, ids, opts.seq_len, opts.batch);
-    let slice = &wins[opts.shard.map(|s| s.range(wins.len())).unwrap_or(0..wins.len())];
+    let slice = &wins[opts
+        .shard
+        .map(|s| s.range(wins.len()))
+        .unwrap_or(0..wins.len())];
     let slice_tokens: usize = slice.iter().map(|w| w.len()).sum();
     let target = match opts.shard {
         Some(s) => shard_path(job.out, lang, s),
@@ -162,7 +194,11 @@ pub fn score_language(job: &Job, lang: &str, ids: &[u32], opts: &Options, progre
         resumed_windows: resumed,
         computed_tokens: done_tokens,
         seconds: secs,
-        tokens_per_second: if secs > 0.0 { done_tokens as f64 / secs } else { 0.0 },
+        tokens_per_second: if secs > 0.0 {
+            done_tokens as f64 / secs
+        } else {
+            0.0
+        },
         file: target.clone(),
     };
     if done_with(&target, &hash)? {
@@ -186,7 +222,9 @@ pub fn score_language(job: &Job, lang: &str, ids: &[u32], opts: &Options, progre
         progress(chunk.iter().map(|w| w.len()).sum());
         processed += chunk.len();
         let by_time = last_ckpt.0.elapsed().as_secs_f64() >= opts.checkpoint_secs;
-        let by_count = opts.checkpoint_windows.is_some_and(|k| acc.windows - last_ckpt.1 >= k);
+        let by_count = opts
+            .checkpoint_windows
+            .is_some_and(|k| acc.windows - last_ckpt.1 >= k);
         if acc.windows < slice.len() && (by_time || by_count) {
             save_state(&state, job.model, &acc, slice.len(), &meta)?;
             last_ckpt = (Instant::now(), acc.windows);
@@ -204,36 +242,64 @@ pub fn score_language(job: &Job, lang: &str, ids: &[u32], opts: &Options, progre
             meta.insert("method".into(), format!("{METHOD_IMPORTANCE}-partial"));
             meta.insert("shard".into(), s.to_string());
             meta.insert("total_windows".into(), wins.len().to_string());
-            files::write(&target, &names, Store::F64, &meta, |i| times_param(job.model, i, &acc.sums[i]))?;
+            files::write(&target, &names, Store::F64, &meta, |i| {
+                times_param(job.model, i, &acc.sums[i])
+            })?;
         }
         None => {
             meta.insert("method".into(), METHOD_IMPORTANCE.into());
             files::write(&target, &names, Store::F32, &meta, |i| {
-                Ok(score_from_product(&times_param(job.model, i, &acc.sums[i])?, acc.windows))
+                Ok(score_from_product(
+                    &times_param(job.model, i, &acc.sums[i])?,
+                    acc.windows,
+                ))
             })?;
         }
     }
     if state.exists() {
-        std::fs::remove_file(&state).with_context(|| format!("{}: cannot remove", state.display()))?;
+        std::fs::remove_file(&state)
+            .with_context(|| format!("{}: cannot remove", state.display()))?;
     }
+    // leaves nothing beside the results once no state or shard result is left
+    let _ = std::fs::remove_dir(partial_dir(job.out));
     let secs = start.elapsed().as_secs_f64();
     let status = match (opts.shard, resumed) {
         (Some(_), _) => "shard",
         (None, 0) => "scored",
         _ => "resumed",
     };
-    Ok(outcome(status, resumed, secs, slice_tokens - slice[..resumed].iter().map(|w| w.len()).sum::<usize>()))
+    Ok(outcome(
+        status,
+        resumed,
+        secs,
+        slice_tokens - slice[..resumed].iter().map(|w| w.len()).sum::<usize>(),
+    ))
 }
 
-fn save_state(path: &Path, model: &Model, acc: &GradSum, slice_windows: usize, meta: &BTreeMap<String, String>) -> Result<()> {
+fn save_state(
+    path: &Path,
+    model: &Model,
+    acc: &GradSum,
+    slice_windows: usize,
+    meta: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut meta = meta.clone();
     meta.insert("kind".into(), "broca-score-state".into());
     meta.insert("next_window".into(), acc.windows.to_string());
     meta.insert("slice_windows".into(), slice_windows.to_string());
-    files::write(path, &entries(model), Store::F64, &meta, |i| Ok(acc.sums[i].clone()))
+    files::write(path, &entries(model), Store::F64, &meta, |i| {
+        Ok(acc.sums[i].clone())
+    })
 }
 
-fn load_state(path: &Path, hash: &str, model: &Model, slice_windows: usize, batch: usize, acc: &mut GradSum) -> Result<()> {
+fn load_state(
+    path: &Path,
+    hash: &str,
+    model: &Model,
+    slice_windows: usize,
+    batch: usize,
+    acc: &mut GradSum,
+) -> Result<()> {
     let m = Mapped::open(path)?;
     if m.meta("args_hash")? != hash {
         bail!(
@@ -241,14 +307,30 @@ fn load_state(path: &Path, hash: &str, model: &Model, slice_windows: usize, batc
             path.display()
         );
     }
-    let next: usize = m.meta("next_window")?.parse().with_context(|| format!("{}: bad next_window", path.display()))?;
-    let stored: usize = m.meta("slice_windows")?.parse().with_context(|| format!("{}: bad slice_windows", path.display()))?;
-    if stored != slice_windows || next > slice_windows || (next % batch != 0 && next != slice_windows) {
-        bail!("{}: resume state does not fit this run (window {next} of {stored}); delete it", path.display());
+    let next: usize = m
+        .meta("next_window")?
+        .parse()
+        .with_context(|| format!("{}: bad next_window", path.display()))?;
+    let stored: usize = m
+        .meta("slice_windows")?
+        .parse()
+        .with_context(|| format!("{}: bad slice_windows", path.display()))?;
+    if stored != slice_windows
+        || next > slice_windows
+        || (!next.is_multiple_of(batch) && next != slice_windows)
+    {
+        bail!(
+            "{}: resume state does not fit this run (window {next} of {stored}); delete it",
+            path.display()
+        );
     }
     for (i, p) in model.params.iter().enumerate() {
         if m.shape(&p.name) != Some(p.var.dims()) {
-            bail!("{}: tensor {} missing or of another shape; delete it", path.display(), p.name);
+            bail!(
+                "{}: tensor {} missing or of another shape; delete it",
+                path.display(),
+                p.name
+            );
         }
         acc.sums[i] = m.f64s(&p.name)?;
     }
@@ -261,53 +343,117 @@ fn load_state(path: &Path, hash: &str, model: &Model, slice_windows: usize, batc
 /// `DIR/<lang>.safetensors` as a one-shot run would.
 pub fn merge(out: &Path) -> Result<Vec<Outcome>> {
     let dir = partial_dir(out);
-    let rd = std::fs::read_dir(&dir).with_context(|| format!("{}: no shard results here (run score --shard i/n --out {} first)", dir.display(), out.display()))?;
+    let rd = std::fs::read_dir(&dir).with_context(|| {
+        format!(
+            "{}: no shard results here (run score --shard i/n --out {} first)",
+            dir.display(),
+            out.display()
+        )
+    })?;
     let mut by_lang: BTreeMap<String, BTreeMap<usize, (Shard, PathBuf)>> = BTreeMap::new();
     for e in rd {
         let p = e?.path();
-        let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".safetensors")) else { continue };
+        let Some(name) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
         if name.ends_with(".state") || name.starts_with('.') {
             continue;
         }
-        let Some((lang, tag)) = name.rsplit_once(".shard-") else { continue };
-        let Some(shard) = Shard::from_tag(&format!("shard-{tag}")) else { continue };
-        by_lang.entry(lang.to_string()).or_default().insert(shard.index, (shard, p.clone()));
+        let Some((lang, tag)) = name.rsplit_once(".shard-") else {
+            continue;
+        };
+        let Some(shard) = Shard::from_tag(&format!("shard-{tag}")) else {
+            continue;
+        };
+        by_lang
+            .entry(lang.to_string())
+            .or_default()
+            .insert(shard.index, (shard, p.clone()));
     }
     if by_lang.is_empty() {
-        bail!("{}: no shard results (<lang>.shard-i-of-n.safetensors)", dir.display());
+        bail!(
+            "{}: no shard results (<lang>.shard-i-of-n.safetensors)",
+            dir.display()
+        );
     }
-    by_lang.into_iter().map(|(lang, shards)| merge_language(out, &lang, &shards)).collect()
+    by_lang
+        .into_iter()
+        .map(|(lang, shards)| merge_language(out, &lang, &shards))
+        .collect()
 }
 
-fn merge_language(out: &Path, lang: &str, shards: &BTreeMap<usize, (Shard, PathBuf)>) -> Result<Outcome> {
+fn merge_language(
+    out: &Path,
+    lang: &str,
+    shards: &BTreeMap<usize, (Shard, PathBuf)>,
+) -> Result<Outcome> {
     let start = Instant::now();
     let count = shards.values().next().map(|s| s.0.count).unwrap_or(0);
     if shards.values().any(|s| s.0.count != count) {
         let found: Vec<String> = shards.values().map(|s| s.0.to_string()).collect();
-        bail!("{}: {lang} has shards of different counts ({})", partial_dir(out).display(), found.join(", "));
+        bail!(
+            "{}: {lang} has shards of different counts ({})",
+            partial_dir(out).display(),
+            found.join(", ")
+        );
     }
-    let missing: Vec<String> = (0..count).filter(|i| !shards.contains_key(i)).map(|i| format!("{i}/{count}")).collect();
+    let missing: Vec<String> = (0..count)
+        .filter(|i| !shards.contains_key(i))
+        .map(|i| format!("{i}/{count}"))
+        .collect();
     if !missing.is_empty() {
-        bail!("{}: {lang} is missing shard(s) {} (run score --shard {} with the same arguments)", partial_dir(out).display(), missing.join(", "), missing[0]);
+        bail!(
+            "{}: {lang} is missing shard(s) {} (run score --shard {} with the same arguments)",
+            partial_dir(out).display(),
+            missing.join(", "),
+            missing[0]
+        );
     }
-    let maps: Vec<Mapped> = shards.values().map(|(_, p)| Mapped::open(p)).collect::<Result<_>>()?;
+    let maps: Vec<Mapped> = shards
+        .values()
+        .map(|(_, p)| Mapped::open(p))
+        .collect::<Result<_>>()?;
     let first = &maps[0];
     let hash = first.meta("args_hash")?.to_string();
     let mut windows = 0usize;
     let mut tokens = 0usize;
     for (m, (_, p)) in maps.iter().zip(shards.values()) {
         if m.meta("args_hash")? != hash {
-            bail!("{}: made with different arguments or model than {}", p.display(), shards[&0].1.display());
+            bail!(
+                "{}: made with different arguments or model than {}",
+                p.display(),
+                shards[&0].1.display()
+            );
         }
         if m.names != first.names || m.names.iter().any(|n| m.shape(n) != first.shape(n)) {
-            bail!("{}: tensor names or shapes differ from {}", p.display(), shards[&0].1.display());
+            bail!(
+                "{}: tensor names or shapes differ from {}",
+                p.display(),
+                shards[&0].1.display()
+            );
         }
-        windows += m.meta("windows")?.parse::<usize>().context("bad windows metadata")?;
-        tokens += m.meta("tokens")?.parse::<usize>().context("bad tokens metadata")?;
+        windows += m
+            .meta("windows")?
+            .parse::<usize>()
+            .context("bad windows metadata")?;
+        tokens += m
+            .meta("tokens")?
+            .parse::<usize>()
+            .context("bad tokens metadata")?;
     }
-    let total: usize = first.meta("total_windows")?.parse().context("bad total_windows metadata")?;
+    let total: usize = first
+        .meta("total_windows")?
+        .parse()
+        .context("bad total_windows metadata")?;
     if windows != total {
-        bail!("{}: {lang}'s shards hold {windows} windows, expected {total}", partial_dir(out).display());
+        bail!(
+            "{}: {lang}'s shards hold {windows} windows, expected {total}",
+            partial_dir(out).display()
+        );
     }
     let target = final_path(out, lang);
     let outcome = |status: &str, secs: f64| Outcome {
@@ -325,15 +471,22 @@ fn merge_language(out: &Path, lang: &str, shards: &BTreeMap<usize, (Shard, PathB
         return Ok(outcome("skipped", 0.0));
     }
     let keep = ["lang", "seq_len", "batch", "model_sha256", "args_hash"];
-    let mut meta: BTreeMap<String, String> =
-        first.meta.iter().filter(|(k, _)| keep.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: BTreeMap<String, String> = first
+        .meta
+        .iter()
+        .filter(|(k, _)| keep.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     meta.insert("method".into(), METHOD_IMPORTANCE.into());
     meta.insert("tokens".into(), tokens.to_string());
     meta.insert("windows".into(), windows.to_string());
     meta.insert("version".into(), env!("CARGO_PKG_VERSION").to_string());
     meta.insert("merged_shards".into(), count.to_string());
-    let names: Vec<(String, Vec<usize>)> =
-        first.names.iter().map(|n| (n.clone(), first.shape(n).unwrap_or(&[]).to_vec())).collect();
+    let names: Vec<(String, Vec<usize>)> = first
+        .names
+        .iter()
+        .map(|n| (n.clone(), first.shape(n).unwrap_or(&[]).to_vec()))
+        .collect();
     files::write(&target, &names, Store::F32, &meta, |i| {
         let mut sum = maps[0].f64s(&names[i].0)?;
         for m in &maps[1..] {

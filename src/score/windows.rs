@@ -17,9 +17,11 @@ pub fn windows(n: usize, seq_len: usize) -> Result<Vec<Range<usize>>> {
         bail!("{n} token(s): a window needs at least 2");
     }
     if n < seq_len {
-        return Ok(vec![0..n]);
+        return Ok(std::iter::once(0..n).collect());
     }
-    Ok((0..n / seq_len).map(|w| w * seq_len..(w + 1) * seq_len).collect())
+    Ok((0..n / seq_len)
+        .map(|w| w * seq_len..(w + 1) * seq_len)
+        .collect())
 }
 
 /// `--shard i/n`: the i-th (0-based) of n contiguous slices of the windows.
@@ -75,7 +77,9 @@ impl std::fmt::Display for Shard {
 /// right after a `\n` with non-space characters on both sides (a point no pre-token spans),
 /// so a small budget does not pay for tokenizing a whole book.
 pub fn budget_tokens(tok: &Tokenizer, text: &str, budget: Option<usize>) -> Result<Vec<u32>> {
-    let Some(n) = budget else { return tok.encode(text) };
+    let Some(n) = budget else {
+        return tok.encode(text);
+    };
     // a generous first guess: 8 bytes per token
     let mut want = n.saturating_mul(8).max(4096);
     loop {
@@ -98,7 +102,8 @@ fn safe_cut(text: &str, from: usize) -> usize {
         if b[i] == b'\n' && i > 0 && text.is_char_boundary(i) {
             let before = text[..i].chars().next_back();
             let after = text[i + 1..].chars().next();
-            if matches!((before, after), (Some(a), Some(c)) if !a.is_whitespace() && !c.is_whitespace()) {
+            if matches!((before, after), (Some(a), Some(c)) if !a.is_whitespace() && !c.is_whitespace())
+            {
                 return i + 1;
             }
         }
@@ -134,7 +139,10 @@ mod tests {
                 assert_eq!(next, w);
             }
         }
-        assert_eq!("1/3".parse::<Shard>().unwrap(), Shard { index: 1, count: 3 });
+        assert_eq!(
+            "1/3".parse::<Shard>().unwrap(),
+            Shard { index: 1, count: 3 }
+        );
         for bad in ["3/2", "2/2", "0/0", "a/2", "1", "-1/2"] {
             assert!(bad.parse::<Shard>().is_err(), "{bad}");
         }

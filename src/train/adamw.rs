@@ -271,19 +271,20 @@ impl AdamW {
 
     /// One step at learning rate `lr`. `grads[i]` is parameter `i`'s gradient (`None`: the
     /// parameter is left alone, as PyTorch skips parameters without a gradient);
-    /// `grad_scale` multiplies every gradient first (e.g. `1/A` for A accumulated micro-batches).
-    pub fn step(&mut self, params: &[Param], grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<StepStats> {
+    /// `grad_scale` multiplies every gradient first (e.g. `1/A` for A accumulated
+    /// micro-batches). Gradients are taken by value so that a non-contiguous one can be
+    /// replaced by its contiguous copy without keeping both.
+    pub fn step(&mut self, params: &[Param], mut grads: Vec<Option<Tensor>>, lr: f64, grad_scale: f64) -> Result<StepStats> {
         if params.len() != self.states.len() || grads.len() != params.len() {
             bail!("AdamW: {} parameters, {} states, {} gradients", params.len(), self.states.len(), grads.len());
         }
-        let grads: Vec<Option<Tensor>> = grads
-            .iter()
-            .zip(&self.states)
-            .map(|(g, s)| match (g, &s.moments) {
-                (Some(g), Some(_)) => g.contiguous().map(Some),
-                _ => Ok(None),
-            })
-            .collect::<candle_core::Result<_>>()?;
+        for (g, s) in grads.iter_mut().zip(&self.states) {
+            if s.moments.is_none() {
+                *g = None;
+            } else if let Some(t) = g.take() {
+                *g = Some(if t.is_contiguous() { t } else { t.contiguous()? });
+            }
+        }
         let mut sq = 0f64;
         for (g, s) in grads.iter().zip(&self.states) {
             if let Some(g) = g {

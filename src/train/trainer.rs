@@ -262,8 +262,7 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
             }
         }
         let t1 = Instant::now();
-        opt.step(&model.params, &acc, lr, 1.0 / cfg.grad_accum as f64)?;
-        drop(acc);
+        opt.step(&model.params, acc, lr, 1.0 / cfg.grad_accum as f64)?;
         let t2 = Instant::now();
         fwd_bwd_s += (t1 - t0).as_secs_f64();
         optimizer_s += (t2 - t1).as_secs_f64();
@@ -284,7 +283,7 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         }
         if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < cfg.steps {
             let state = TrainState { step: done, stream: stream.state, fingerprint: fp.clone(), losses: losses.clone(), eval: eval_points.clone() };
-            checkpoint::save(out, model, &opt.moment_tensors()?, &state, cfg.keep_checkpoints)?;
+            checkpoint::save(out, model, &opt, &state, cfg.keep_checkpoints)?;
         }
         if opts.stop_after == Some(done) && done < cfg.steps {
             interrupted = true;
@@ -292,6 +291,7 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         }
     }
     pb.finish_and_clear();
+    drop(opt);
     let ran = (losses.len() - start) as f64;
     let report = TrainReport {
         steps: losses.len(),
@@ -311,7 +311,7 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         return Ok(report);
     }
     if cfg.save_model {
-        model.save_hf(out)?;
+        checkpoint::write_model(out, model)?;
     }
     crate::io::write_json(&out.join("train.json"), &serde_json::json!({"config": cfg, "fingerprint": fp, "report": report}))?;
     Ok(report)

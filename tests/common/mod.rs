@@ -24,9 +24,16 @@ pub fn root() -> PathBuf {
 /// Panics with a hint when it is missing.
 pub fn assets() -> PathBuf {
     let dir = broca::data::assets_dir();
-    let dir = if dir.is_relative() { root().join(dir) } else { dir };
+    let dir = if dir.is_relative() {
+        root().join(dir)
+    } else {
+        dir
+    };
     if !dir.is_dir() {
-        panic!("assets folder {} missing: run scripts/fetch-assets", dir.display());
+        panic!(
+            "assets folder {} missing: run scripts/fetch-assets",
+            dir.display()
+        );
     }
     dir
 }

@@ -13,11 +13,17 @@ struct Mat {
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("tensor to f64")
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("tensor to f64")
 }
 
 fn tensor<'a>(model: &'a Model, name: &str) -> &'a Tensor {
-    model.param(name).unwrap_or_else(|| panic!("model has no tensor {name}")).as_tensor()
+    model
+        .param(name)
+        .unwrap_or_else(|| panic!("model has no tensor {name}"))
+        .as_tensor()
 }
 
 fn vector(model: &Model, name: &str) -> Vec<f64> {
@@ -27,7 +33,11 @@ fn vector(model: &Model, name: &str) -> Vec<f64> {
 fn matrix(model: &Model, name: &str) -> Mat {
     let t = tensor(model, name);
     let (rows, cols) = t.dims2().expect("2-d tensor");
-    Mat { rows, cols, data: to_f64(t) }
+    Mat {
+        rows,
+        cols,
+        data: to_f64(t),
+    }
 }
 
 /// Dot product (FMA on 16 accumulators where the CPU has AVX2 and FMA).
@@ -70,7 +80,9 @@ fn linear(w: &Mat, b: Option<&[f64]>, xs: &[Vec<f64>]) -> Vec<Vec<f64>> {
             xs.iter().map(|x| dot(row, x) + bias).collect()
         })
         .collect();
-    (0..xs.len()).map(|t| by_row.iter().map(|r| r[t]).collect()).collect()
+    (0..xs.len())
+        .map(|t| by_row.iter().map(|r| r[t]).collect())
+        .collect()
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -104,8 +116,9 @@ fn attention(c: &Config, q: &[Vec<f64>], k: &[Vec<f64>], v: &[Vec<f64>]) -> Vec<
             for h in 0..nh {
                 let kv = h / group;
                 let qh = &q[i][h * hd..(h + 1) * hd];
-                let scores: Vec<f64> =
-                    (0..=i).map(|j| dot(qh, &k[j][kv * hd..(kv + 1) * hd]) * scale).collect();
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| dot(qh, &k[j][kv * hd..(kv + 1) * hd]) * scale)
+                    .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -137,13 +150,31 @@ pub fn mean_nll(model: &Model, ids: &[u32]) -> f64 {
         .collect();
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
-        let bias = |w: &str| c.qkv_bias().then(|| vector(model, &format!("{p}.self_attn.{w}_proj.bias")));
+        let bias = |w: &str| {
+            c.qkv_bias()
+                .then(|| vector(model, &format!("{p}.self_attn.{w}_proj.bias")))
+        };
         let input_norm = vector(model, &format!("{p}.input_layernorm.weight"));
-        let hn: Vec<Vec<f64>> = x.iter().map(|xt| rms_norm(xt, &input_norm, c.rms_eps)).collect();
+        let hn: Vec<Vec<f64>> = x
+            .iter()
+            .map(|xt| rms_norm(xt, &input_norm, c.rms_eps))
+            .collect();
         let (bq, bk, bv) = (bias("q"), bias("k"), bias("v"));
-        let mut q = linear(&matrix(model, &format!("{p}.self_attn.q_proj.weight")), bq.as_deref(), &hn);
-        let mut k = linear(&matrix(model, &format!("{p}.self_attn.k_proj.weight")), bk.as_deref(), &hn);
-        let v = linear(&matrix(model, &format!("{p}.self_attn.v_proj.weight")), bv.as_deref(), &hn);
+        let mut q = linear(
+            &matrix(model, &format!("{p}.self_attn.q_proj.weight")),
+            bq.as_deref(),
+            &hn,
+        );
+        let mut k = linear(
+            &matrix(model, &format!("{p}.self_attn.k_proj.weight")),
+            bk.as_deref(),
+            &hn,
+        );
+        let v = linear(
+            &matrix(model, &format!("{p}.self_attn.v_proj.weight")),
+            bv.as_deref(),
+            &hn,
+        );
         for (pos, (qt, kt)) in q.iter_mut().zip(k.iter_mut()).enumerate() {
             for h in qt.chunks_mut(c.head_dim) {
                 rope(h, pos, c.rope_theta);
@@ -153,24 +184,50 @@ pub fn mean_nll(model: &Model, ids: &[u32]) -> f64 {
             }
         }
         let a = attention(c, &q, &k, &v);
-        let o = linear(&matrix(model, &format!("{p}.self_attn.o_proj.weight")), None, &a);
+        let o = linear(
+            &matrix(model, &format!("{p}.self_attn.o_proj.weight")),
+            None,
+            &a,
+        );
         for (xt, ot) in x.iter_mut().zip(&o) {
             xt.iter_mut().zip(ot).for_each(|(a, b)| *a += b);
         }
         let post = vector(model, &format!("{p}.post_attention_layernorm.weight"));
         let hn: Vec<Vec<f64>> = x.iter().map(|xt| rms_norm(xt, &post, c.rms_eps)).collect();
-        let g = linear(&matrix(model, &format!("{p}.mlp.gate_proj.weight")), None, &hn);
-        let u = linear(&matrix(model, &format!("{p}.mlp.up_proj.weight")), None, &hn);
-        let act: Vec<Vec<f64>> =
-            g.iter().zip(&u).map(|(gt, ut)| gt.iter().zip(ut).map(|(a, b)| silu(*a) * b).collect()).collect();
-        let d = linear(&matrix(model, &format!("{p}.mlp.down_proj.weight")), None, &act);
+        let g = linear(
+            &matrix(model, &format!("{p}.mlp.gate_proj.weight")),
+            None,
+            &hn,
+        );
+        let u = linear(
+            &matrix(model, &format!("{p}.mlp.up_proj.weight")),
+            None,
+            &hn,
+        );
+        let act: Vec<Vec<f64>> = g
+            .iter()
+            .zip(&u)
+            .map(|(gt, ut)| gt.iter().zip(ut).map(|(a, b)| silu(*a) * b).collect())
+            .collect();
+        let d = linear(
+            &matrix(model, &format!("{p}.mlp.down_proj.weight")),
+            None,
+            &act,
+        );
         for (xt, dt) in x.iter_mut().zip(&d) {
             xt.iter_mut().zip(dt).for_each(|(a, b)| *a += b);
         }
     }
     let norm = vector(model, "model.norm.weight");
-    let xn: Vec<Vec<f64>> = x[..n - 1].iter().map(|xt| rms_norm(xt, &norm, c.rms_eps)).collect();
-    let head_name = if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let xn: Vec<Vec<f64>> = x[..n - 1]
+        .iter()
+        .map(|xt| rms_norm(xt, &norm, c.rms_eps))
+        .collect();
+    let head_name = if c.tie_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
     let head = tensor(model, head_name);
     // logits[t][v], filled a block of vocabulary rows at a time to bound memory
     let vocab = c.vocab_size;
@@ -178,7 +235,11 @@ pub fn mean_nll(model: &Model, ids: &[u32]) -> f64 {
     let block = 4096;
     for start in (0..vocab).step_by(block) {
         let len = block.min(vocab - start);
-        let w = Mat { rows: len, cols: c.hidden_size, data: to_f64(&head.narrow(0, start, len).expect("head rows")) };
+        let w = Mat {
+            rows: len,
+            cols: c.hidden_size,
+            data: to_f64(&head.narrow(0, start, len).expect("head rows")),
+        };
         let part = linear(&w, None, &xn);
         for (lt, pt) in logits.iter_mut().zip(part) {
             lt[start..start + len].copy_from_slice(&pt);

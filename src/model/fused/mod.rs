@@ -5,12 +5,16 @@
 //! `ops` stay the reference (unit tests compare both, forward and backward) and the path
 //! used on non-CPU devices.
 
+mod attention;
+mod linear;
 mod nll;
 mod norm;
 mod rope;
 mod softmax;
 mod swiglu;
 
+pub use attention::causal_attention_inference;
+pub use linear::linear;
 pub use nll::token_nll;
 pub use norm::rms_norm;
 pub use rope::rope_transposed;
@@ -35,7 +39,7 @@ pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether the fused kernel applies to `t` (a CPU tensor, fused ops not switched off).
-pub(crate) fn use_fused(t: &Tensor) -> bool {
+pub fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && !REFERENCE.with(|r| r.get())
 }
 
@@ -65,14 +69,22 @@ pub(crate) trait Real:
     const ONE: Self;
     const NEG_INF: Self;
     fn exp(self) -> Self;
+    /// `exp`, branch-free so that loops over it vectorise (f32); `exp` itself for f64.
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn max(self, o: Self) -> Self;
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $fast:path) => {
         impl Real for $t {
+            #[inline(always)]
+            fn fast_exp(self) -> Self {
+                $fast(self)
+            }
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = <$t>::NEG_INFINITY;
@@ -95,8 +107,41 @@ macro_rules! impl_real {
         }
     };
 }
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, exp_f32);
+impl_real!(f64, f64::exp);
+
+/// Branch-free `exp` for f32 (Cephes polynomial, within ~2 ulp; inputs below -87.3 give
+/// ~1e-38 instead of 0). Written so that loops over it auto-vectorise.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to integer
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Sum in f64 with four independent accumulators.
+#[inline]
+pub(crate) fn sum_f64<T: Real>(v: &[T]) -> f64 {
+    let mut acc = [0f64; 4];
+    let mut it = v.chunks_exact(4);
+    for c in &mut it {
+        for k in 0..4 {
+            acc[k] += c[k].to_f64();
+        }
+    }
+    let rest: f64 = it.remainder().iter().map(|x| x.to_f64()).sum();
+    acc[0] + acc[1] + acc[2] + acc[3] + rest
+}
 
 /// The contiguous data of a storage/layout pair.
 pub(crate) fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -117,7 +162,9 @@ pub(crate) fn rows_of(len: usize, n: usize, what: &str) -> Result<usize> {
 /// Rows per parallel task so that each task gets at least ~`min_elems` elements.
 pub(crate) fn rows_per_task(rows: usize, n: usize, min_elems: usize) -> usize {
     let tasks = (rayon::current_num_threads() * 4).max(1);
-    rows.div_ceil(tasks).max(min_elems.div_ceil(n.max(1))).max(1)
+    rows.div_ceil(tasks)
+        .max(min_elems.div_ceil(n.max(1)))
+        .max(1)
 }
 
 /// Applies a generic kernel to f32 or f64 storage, wrapping the result back into storage.
@@ -126,7 +173,11 @@ macro_rules! dispatch {
         match $s {
             candle_core::CpuStorage::F32($v) => candle_core::CpuStorage::F32($body),
             candle_core::CpuStorage::F64($v) => candle_core::CpuStorage::F64($body),
-            s => candle_core::bail!("{}: unsupported dtype {:?}", $name, candle_core::backend::BackendStorage::dtype(s)),
+            s => candle_core::bail!(
+                "{}: unsupported dtype {:?}",
+                $name,
+                candle_core::backend::BackendStorage::dtype(s)
+            ),
         }
     };
 }
@@ -140,7 +191,10 @@ impl Same for f32 {
     fn same<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
         match s {
             CpuStorage::F32(v) => Ok(v),
-            s => bail!("{what}: dtype mismatch, expected f32, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+            s => bail!(
+                "{what}: dtype mismatch, expected f32, got {:?}",
+                candle_core::backend::BackendStorage::dtype(s)
+            ),
         }
     }
 }
@@ -148,7 +202,10 @@ impl Same for f64 {
     fn same<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f64]> {
         match s {
             CpuStorage::F64(v) => Ok(v),
-            s => bail!("{what}: dtype mismatch, expected f64, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+            s => bail!(
+                "{what}: dtype mismatch, expected f64, got {:?}",
+                candle_core::backend::BackendStorage::dtype(s)
+            ),
         }
     }
 }
@@ -167,7 +224,16 @@ pub(crate) mod testing {
     }
 
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Compares `fused` and `reference` on the f64 inputs `xs` (gradients of the weighted
@@ -206,11 +272,20 @@ pub(crate) mod testing {
                     let mut args: Vec<Tensor> = xs.to_vec();
                     args[i] = Tensor::from_vec(p, xs[i].dims(), &Device::Cpu).unwrap();
                     let y = fused(&args).unwrap();
-                    (&y * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                    (&y * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
                 };
                 let fd = (f_at(h) - f_at(-h)) / (2.0 * h);
                 let err = (fd - ga[k]).abs() / (1e-6 + fd.abs().max(ga[k].abs()));
-                assert!(err < 1e-5 || (fd - ga[k]).abs() < 1e-8, "input {i} coord {k}: fd {fd} vs {}", ga[k]);
+                assert!(
+                    err < 1e-5 || (fd - ga[k]).abs() < 1e-8,
+                    "input {i} coord {k}: fd {fd} vs {}",
+                    ga[k]
+                );
             }
         }
     }
@@ -233,7 +308,11 @@ mod model_tests {
             let run = || {
                 let nll = m.token_nll(&ids, true).unwrap();
                 let g = nll.mean_all().unwrap().backward().unwrap();
-                let grads: Vec<Tensor> = m.params.iter().map(|p| g.get(p.var.as_tensor()).unwrap().clone()).collect();
+                let grads: Vec<Tensor> = m
+                    .params
+                    .iter()
+                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .collect();
                 (nll, grads)
             };
             let (nf, gf) = run();
@@ -246,5 +325,23 @@ mod model_tests {
             let inference = m.token_nll(&ids, false).unwrap();
             assert!(max_abs_diff(&inference, &nf) < 1e-12);
         }
+    }
+}
+
+#[cfg(test)]
+mod exp_tests {
+    #[test]
+    fn exp_f32_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let e = super::exp_f32(x) as f64;
+            let r = (x as f64).exp();
+            worst = worst.max((e - r).abs() / r);
+            x += 0.0137;
+        }
+        assert!(worst < 4.0 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(super::exp_f32(0.0), 1.0);
+        assert!(super::exp_f32(f32::NEG_INFINITY) < 1e-37);
     }
 }

@@ -10,7 +10,9 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !super::use_fused(logits) {
         return crate::model::ops::token_nll(logits, targets);
     }
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenNll)
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, TokenNll)
 }
 
 struct TokenNll;
@@ -21,9 +23,14 @@ fn lse<T: Real>(row: &[T]) -> (T, T) {
     for &v in row {
         m = m.max(v);
     }
+    // exp in blocks (vectorised), summed in f64
+    let mut buf = [T::ZERO; 256];
     let mut s = 0f64;
-    for &v in row {
-        s += (v - m).exp().to_f64();
+    for c in row.chunks(256) {
+        for (o, &v) in buf.iter_mut().zip(c) {
+            *o = (v - m).fast_exp();
+        }
+        s += super::sum_f64(&buf[..c.len()]);
     }
     (m, T::from_f64(s.ln()))
 }
@@ -31,7 +38,10 @@ fn lse<T: Real>(row: &[T]) -> (T, T) {
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, n: usize, vocab: usize) -> Result<&'a [u32]> {
     let t = match s {
         CpuStorage::U32(v) => slice(v, l, "token_nll")?,
-        s => bail!("token_nll: targets must be u32, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+        s => bail!(
+            "token_nll: targets must be u32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        ),
     };
     if t.len() != n {
         bail!("token_nll: {} targets for {n} rows", t.len());
@@ -54,7 +64,13 @@ impl CustomOp2 for TokenNll {
         "fused-token-nll"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, vocab) = dims(l1)?;
         let t = targets_of(s2, l2, n, vocab)?;
         fn go<T: Real>(x: &[T], t: &[u32], vocab: usize) -> Vec<T> {
@@ -66,12 +82,25 @@ impl CustomOp2 for TokenNll {
                 })
                 .collect()
         }
-        let out = dispatch!(s1, "token_nll", |v| go(slice(v, l1, "token_nll")?, t, vocab));
+        let out = dispatch!(s1, "token_nll", |v| go(
+            slice(v, l1, "token_nll")?,
+            t,
+            vocab
+        ));
         Ok((out, Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, d: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(logits.apply_op3_no_bwd(targets, &d.contiguous()?, &TokenNllBwd)?), None))
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        d: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(logits.apply_op3_no_bwd(targets, &d.contiguous()?, &TokenNllBwd)?),
+            None,
+        ))
     }
 }
 
@@ -93,22 +122,32 @@ impl CustomOp3 for TokenNllBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, vocab) = dims(l1)?;
         let t = targets_of(s2, l2, n, vocab)?;
-        fn go<T: Same>(x: &[T], l1: &Layout, t: &[u32], s3: &CpuStorage, l3: &Layout, vocab: usize) -> Result<Vec<T>> {
+        fn go<T: Same>(
+            x: &[T],
+            l1: &Layout,
+            t: &[u32],
+            s3: &CpuStorage,
+            l3: &Layout,
+            vocab: usize,
+        ) -> Result<Vec<T>> {
             let x = slice(x, l1, "token_nll bwd")?;
             let d = slice(T::same(s3, "token_nll bwd")?, l3, "token_nll bwd")?;
             let mut g = vec![T::ZERO; x.len()];
             let per = rows_per_task(t.len(), vocab, 1);
-            g.par_chunks_mut(per * vocab).zip(x.par_chunks(per * vocab)).enumerate().for_each(|(ci, (gc, xc))| {
-                for (k, (gr, xr)) in gc.chunks_mut(vocab).zip(xc.chunks(vocab)).enumerate() {
-                    let i = ci * per + k;
-                    let (m, l) = lse(xr);
-                    let shift = m + l;
-                    for (o, &v) in gr.iter_mut().zip(xr) {
-                        *o = d[i] * (v - shift).exp();
+            g.par_chunks_mut(per * vocab)
+                .zip(x.par_chunks(per * vocab))
+                .enumerate()
+                .for_each(|(ci, (gc, xc))| {
+                    for (k, (gr, xr)) in gc.chunks_mut(vocab).zip(xc.chunks(vocab)).enumerate() {
+                        let i = ci * per + k;
+                        let (m, l) = lse(xr);
+                        let shift = m + l;
+                        for (o, &v) in gr.iter_mut().zip(xr) {
+                            *o = d[i] * (v - shift).fast_exp();
+                        }
+                        gr[t[i] as usize] = gr[t[i] as usize] - d[i];
                     }
-                    gr[t[i] as usize] = gr[t[i] as usize] - d[i];
-                }
-            });
+                });
             Ok(g)
         }
         let out = dispatch!(s1, "token_nll bwd", |v| go(v, l1, t, s3, l3, vocab)?);
@@ -126,7 +165,12 @@ mod tests {
     fn token_nll_matches_composed_and_finite_differences() {
         let logits = (randn(&[4, 9], 7) * 4.0).unwrap();
         let t = Tensor::new(&[0u32, 8, 3, 3], &Device::Cpu).unwrap();
-        check(&[logits], &|a| super::token_nll(&a[0], &t), &|a| ops::token_nll(&a[0], &t), 1e-12);
+        check(
+            &[logits],
+            &|a| super::token_nll(&a[0], &t),
+            &|a| ops::token_nll(&a[0], &t),
+            1e-12,
+        );
     }
 
     #[test]

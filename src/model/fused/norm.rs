@@ -28,14 +28,16 @@ fn fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let n = w.len();
     let mut y = vec![T::ZERO; x.len()];
     let per = rows_per_task(x.len() / n, n, 8192);
-    y.par_chunks_mut(per * n).zip(x.par_chunks(per * n)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-            let r = inv_rms(xr, eps);
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = v * r * g;
+    y.par_chunks_mut(per * n)
+        .zip(x.par_chunks(per * n))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                let r = inv_rms(xr, eps);
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * r * g;
+                }
             }
-        }
-    });
+        });
     y
 }
 
@@ -85,12 +87,24 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = l2.shape().elem_count();
         if l1.dims().last() != Some(&n) {
             candle_core::bail!("rms_norm: weight of {n} for input {:?}", l1.dims());
         }
-        fn go<T: Same>(x: &[T], l1: &Layout, s2: &CpuStorage, l2: &Layout, eps: f64) -> Result<Vec<T>> {
+        fn go<T: Same>(
+            x: &[T],
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            eps: f64,
+        ) -> Result<Vec<T>> {
             let x = slice(x, l1, "rms_norm")?;
             let w = slice(T::same(s2, "rms_norm")?, l2, "rms_norm")?;
             Ok(fwd(x, w, eps))
@@ -99,7 +113,13 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let len = x.elem_count();
         let dx = g.narrow(0, 0, len)?.reshape(x.shape())?;
@@ -126,7 +146,15 @@ impl CustomOp3 for RmsNormBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: Same>(x: &[T], l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout, eps: f64) -> Result<Vec<T>> {
+        fn go<T: Same>(
+            x: &[T],
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+            eps: f64,
+        ) -> Result<Vec<T>> {
             let x = slice(x, l1, "rms_norm bwd")?;
             let w = slice(T::same(s2, "rms_norm bwd")?, l2, "rms_norm bwd")?;
             let dy = slice(T::same(s3, "rms_norm bwd")?, l3, "rms_norm bwd")?;

@@ -10,7 +10,11 @@ pub fn rope_transposed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     if !super::use_fused(x) {
         return crate::model::ops::rope(&x.transpose(1, 2)?.contiguous()?, cos, sin);
     }
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
 }
 
 /// `inverse: false`: `[b, t, h, d]` → rotated `[b, h, t, d]`. `inverse: true`: the adjoint,
@@ -20,14 +24,23 @@ struct Rope {
 }
 
 /// `x` in the source layout; `dims` = (b, t, h, d).
-fn kernel<T: Real>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usize, usize), inverse: bool) -> Vec<T> {
+fn kernel<T: Real>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    inverse: bool,
+) -> Vec<T> {
     let (_, t, h, d) = dims;
     let half = d / 2;
     let mut y = vec![T::ZERO; x.len()];
     // one task per (batch, head): its output block [t, d] (forward) is contiguous
     let sign = if inverse { -T::ONE } else { T::ONE };
     let body = |p: usize, out: &mut [T], src: &[T]| {
-        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        let (c, s) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
         for i in 0..half {
             let (x1, x2) = (src[i], src[i + half]);
             let sn = sign * s[i];
@@ -77,7 +90,12 @@ impl CustomOp3 for Rope {
         };
         let (_, t, _, d) = dims;
         if d % 2 != 0 || l2.dims() != [t, d / 2] || l3.dims() != [t, d / 2] {
-            bail!("rope: tables {:?} {:?} do not fit input {:?}", l2.dims(), l3.dims(), l1.dims());
+            bail!(
+                "rope: tables {:?} {:?} do not fit input {:?}",
+                l2.dims(),
+                l3.dims(),
+                l1.dims()
+            );
         }
         fn go<T: Same>(
             x: &[T],
@@ -94,9 +112,22 @@ impl CustomOp3 for Rope {
             let s = slice(T::same(s3, "rope")?, l3, "rope")?;
             Ok(kernel(x, c, s, dims, inverse))
         }
-        let out = dispatch!(s1, "rope", |v| go(v, l1, s2, l2, s3, l3, dims, self.inverse)?);
+        let out = dispatch!(s1, "rope", |v| go(
+            v,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            dims,
+            self.inverse
+        )?);
         let (b, t, h, d) = dims;
-        let shape = if self.inverse { Shape::from((b, t, h, d)) } else { Shape::from((b, h, t, d)) };
+        let shape = if self.inverse {
+            Shape::from((b, t, h, d))
+        } else {
+            Shape::from((b, h, t, d))
+        };
         Ok((out, shape))
     }
 
@@ -108,7 +139,9 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: true })?;
+        let dx = dy
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope { inverse: true })?;
         Ok((Some(dx), None, None))
     }
 }

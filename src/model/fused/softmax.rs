@@ -25,26 +25,26 @@ fn fwd<T: Real>(s: &[T], t: usize, scale: f64) -> Vec<T> {
     let mut p = vec![T::ZERO; s.len()];
     let sc = T::from_f64(scale);
     let per = rows_per_task(s.len() / t, t, 16384);
-    p.par_chunks_mut(per * t).zip(s.par_chunks(per * t)).enumerate().for_each(|(ci, (pc, sc_))| {
-        for (k, (pr, sr)) in pc.chunks_mut(t).zip(sc_.chunks(t)).enumerate() {
-            let i = (ci * per + k) % t;
-            let sr = &sr[..=i];
-            let mut m = T::NEG_INF;
-            for &v in sr {
-                m = m.max(v);
+    p.par_chunks_mut(per * t)
+        .zip(s.par_chunks(per * t))
+        .enumerate()
+        .for_each(|(ci, (pc, sc_))| {
+            for (k, (pr, sr)) in pc.chunks_mut(t).zip(sc_.chunks(t)).enumerate() {
+                let i = (ci * per + k) % t;
+                let sr = &sr[..=i];
+                let mut m = T::NEG_INF;
+                for &v in sr {
+                    m = m.max(v);
+                }
+                for (o, &v) in pr.iter_mut().zip(sr) {
+                    *o = ((v - m) * sc).fast_exp();
+                }
+                let inv = T::from_f64(1.0 / super::sum_f64(&pr[..=i]));
+                for o in pr[..=i].iter_mut() {
+                    *o = *o * inv;
+                }
             }
-            let mut sum = 0f64;
-            for (o, &v) in pr.iter_mut().zip(sr) {
-                let e = ((v - m) * sc).exp();
-                *o = e;
-                sum += e.to_f64();
-            }
-            let inv = T::from_f64(1.0 / sum);
-            for o in pr[..=i].iter_mut() {
-                *o = *o * inv;
-            }
-        }
-    });
+        });
     p
 }
 
@@ -57,7 +57,12 @@ fn bwd<T: Real>(p: &[T], dp: &[T], t: usize, scale: f64) -> Vec<T> {
         .zip(dp.par_chunks(per * t))
         .enumerate()
         .for_each(|(ci, ((dc, pc), gc))| {
-            for (k, ((dr, pr), gr)) in dc.chunks_mut(t).zip(pc.chunks(t)).zip(gc.chunks(t)).enumerate() {
+            for (k, ((dr, pr), gr)) in dc
+                .chunks_mut(t)
+                .zip(pc.chunks(t))
+                .zip(gc.chunks(t))
+                .enumerate()
+            {
                 let i = (ci * per + k) % t;
                 let mut dot = T::ZERO;
                 for j in 0..=i {
@@ -84,12 +89,19 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = last_dim(l)?;
-        let out = dispatch!(s, "causal_softmax", |v| fwd(slice(v, l, "causal_softmax")?, t, self.scale));
+        let out = dispatch!(s, "causal_softmax", |v| fwd(
+            slice(v, l, "causal_softmax")?,
+            t,
+            self.scale
+        ));
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?))
+        Ok(Some(p.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &CausalSoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
@@ -102,14 +114,29 @@ impl CustomOp2 for CausalSoftmaxBwd {
         "fused-causal-softmax-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let t = last_dim(l1)?;
-        fn go<T: Same>(p: &[T], l1: &Layout, s2: &CpuStorage, l2: &Layout, t: usize, scale: f64) -> Result<Vec<T>> {
+        fn go<T: Same>(
+            p: &[T],
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            t: usize,
+            scale: f64,
+        ) -> Result<Vec<T>> {
             let p = slice(p, l1, "causal_softmax bwd")?;
             let dp = slice(T::same(s2, "causal_softmax bwd")?, l2, "causal_softmax bwd")?;
             Ok(bwd(p, dp, t, scale))
         }
-        let out = dispatch!(s1, "causal_softmax bwd", |v| go(v, l1, s2, l2, t, self.scale)?);
+        let out = dispatch!(s1, "causal_softmax bwd", |v| go(
+            v, l1, s2, l2, t, self.scale
+        )?);
         Ok((out, l1.shape().clone()))
     }
 }

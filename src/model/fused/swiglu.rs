@@ -18,16 +18,19 @@ struct SwiGlu;
 
 #[inline(always)]
 fn sigmoid<T: Real>(g: T) -> T {
-    T::ONE / (T::ONE + (-g).exp())
+    T::ONE / (T::ONE + (-g).fast_exp())
 }
 
 fn fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::ZERO; g.len()];
-    y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(u.par_chunks(CHUNK)).for_each(|((yc, gc), uc)| {
-        for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-            *o = g * sigmoid(g) * u;
-        }
-    });
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(u.par_chunks(CHUNK))
+        .for_each(|((yc, gc), uc)| {
+            for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
     y
 }
 
@@ -63,16 +66,31 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_len(l1, l2)?;
         fn go<T: Same>(g: &[T], l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<Vec<T>> {
-            Ok(fwd(slice(g, l1, "swiglu")?, slice(T::same(s2, "swiglu")?, l2, "swiglu")?))
+            Ok(fwd(
+                slice(g, l1, "swiglu")?,
+                slice(T::same(s2, "swiglu")?, l2, "swiglu")?,
+            ))
         }
         let out = dispatch!(s1, "swiglu", |v| go(v, l1, s2, l2)?);
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwiGluBwd)?;
         let n = g.elem_count();
         let dg = both.narrow(0, 0, n)?.reshape(g.shape())?;
@@ -99,9 +117,20 @@ impl CustomOp3 for SwiGluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         same_len(l1, l2)?;
         same_len(l1, l3)?;
-        fn go<T: Same>(g: &[T], l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<Vec<T>> {
+        fn go<T: Same>(
+            g: &[T],
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<Vec<T>> {
             let w = "swiglu bwd";
-            Ok(bwd(slice(g, l1, w)?, slice(T::same(s2, w)?, l2, w)?, slice(T::same(s3, w)?, l3, w)?))
+            Ok(bwd(
+                slice(g, l1, w)?,
+                slice(T::same(s2, w)?, l2, w)?,
+                slice(T::same(s3, w)?, l3, w)?,
+            ))
         }
         let out = dispatch!(s1, "swiglu bwd", |v| go(v, l1, s2, l2, s3, l3)?);
         Ok((out, Shape::from(2 * l1.shape().elem_count())))
@@ -117,6 +146,11 @@ mod tests {
     fn swiglu_matches_composed_and_finite_differences() {
         let g = (randn(&[3, 11], 5) * 3.0).unwrap();
         let u = randn(&[3, 11], 6);
-        check(&[g, u], &|a| super::swiglu(&a[0], &a[1]), &|a| ops::swiglu(&a[0], &a[1]), 1e-12);
+        check(
+            &[g, u],
+            &|a| super::swiglu(&a[0], &a[1]),
+            &|a| ops::swiglu(&a[0], &a[1]),
+            1e-12,
+        );
     }
 }

@@ -1,0 +1,154 @@
+//! `x · wᵀ` straight through gemm: no zero-filled output, no transposed-weight node in the
+//! graph, and a weight gradient computed directly in the weight's own layout.
+
+use super::{slice, Real, Same};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// `x` `[m, k]` times `w` `[n, k]` transposed → `[m, n]` (a linear layer without bias).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !super::use_fused(x) {
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Mm::Linear)
+}
+
+/// The three products a linear layer needs, on row-major operands `a`, `b`.
+#[derive(Clone, Copy)]
+enum Mm {
+    /// `a bᵀ`: forward, `a` `[m, k]`, `b` `[n, k]`.
+    Linear,
+    /// `a b`: input gradient, `a` `[m, k]`, `b` `[k, n]`.
+    Plain,
+    /// `aᵀ b`: weight gradient, `a` `[k, m]`, `b` `[k, n]`.
+    TransA,
+}
+
+impl Mm {
+    /// (m, n, k) from the operand dims, or an error.
+    fn dims(self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize)> {
+        let (&[a0, a1], &[b0, b1]) = (a, b) else {
+            bail!("linear: expected matrices, got {a:?} and {b:?}");
+        };
+        let (m, k, kb, n) = match self {
+            Mm::Linear => (a0, a1, b1, b0),
+            Mm::Plain => (a0, a1, b0, b1),
+            Mm::TransA => (a1, a0, b0, b1),
+        };
+        if k != kb {
+            bail!("linear: inner dimensions differ, {a:?} and {b:?}");
+        }
+        Ok((m, n, k))
+    }
+
+    fn run<T: Real>(self, a: &[T], b: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+        if k == 0 {
+            return vec![T::ZERO; m * n];
+        }
+        // (cs, rs) strides of the logical operands
+        let (a_cs, a_rs) = match self {
+            Mm::TransA => (m, 1),
+            _ => (1, k),
+        };
+        let (b_cs, b_rs) = match self {
+            Mm::Linear => (k, 1),
+            _ => (1, n),
+        };
+        let mut c: Vec<T> = Vec::with_capacity(m * n);
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: a, b hold m×k and k×n elements at the given strides (checked by `dims`),
+        // c has room for m×n; with read_dst = false gemm writes every element of c.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                a_cs as isize,
+                a_rs as isize,
+                b.as_ptr(),
+                b_cs as isize,
+                b_rs as isize,
+                T::ZERO,
+                T::ONE,
+                false,
+                false,
+                false,
+                par,
+            );
+            c.set_len(m * n);
+        }
+        c
+    }
+}
+
+impl CustomOp2 for Mm {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k) = self.dims(l1.dims(), l2.dims())?;
+        fn go<T: Same>(
+            mm: Mm,
+            a: &[T],
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            mnk: (usize, usize, usize),
+        ) -> Result<Vec<T>> {
+            let a = slice(a, l1, "linear")?;
+            let b = slice(T::same(s2, "linear")?, l2, "linear")?;
+            Ok(mm.run(a, b, mnk.0, mnk.1, mnk.2))
+        }
+        let out = super::dispatch!(s1, "linear", |v| go(*self, v, l1, s2, l2, (m, n, k))?);
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Mm::Linear = self else {
+            bail!("linear: backward only for the forward product");
+        };
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(w, &Mm::Plain)?;
+        let dw = dy.apply_op2_no_bwd(x, &Mm::TransA)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{check, randn};
+
+    #[test]
+    fn linear_matches_matmul_and_finite_differences() {
+        let x = randn(&[5, 7], 9);
+        let w = randn(&[3, 7], 10);
+        check(
+            &[x, w],
+            &|a| super::linear(&a[0], &a[1]),
+            &|a| a[0].matmul(&a[1].t()?),
+            1e-12,
+        );
+    }
+}
