@@ -16,6 +16,7 @@ pub mod score;
 pub mod perturb;
 pub mod region;
 pub mod report;
+pub mod study;
 pub mod tokenizer;
 pub mod train;
 

@@ -5,6 +5,10 @@ fn main() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
+    // Error messages are one line: never let a library attach a backtrace to them.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = broca::cli::Cli::parse();
     if let Err(e) = broca::cli::run(cli) {
         let msg = format!("{e:#}").replace('\n', " ");

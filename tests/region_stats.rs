@@ -167,7 +167,7 @@ fn heatmap_pooling_sums_blocks_and_fits_512() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("h.png");
-    heatmap::write_grid(&p, &g, 64).unwrap();
+    heatmap::write_grid(&p, &g, 64, heatmap::Scale::Counts).unwrap();
     let dec = png::Decoder::new(std::fs::File::open(&p).unwrap());
     let reader = dec.read_info().unwrap();
     let info = reader.info();

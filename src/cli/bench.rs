@@ -53,6 +53,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         100.0 * r.fwd_bwd_fraction_of_ceiling,
         r.forward_ceiling_tok_s / 3.0
     );
+    println!(
+        "from CPU time: matmul {:.1} GFLOP/s, forward {:.1} tok/s ({:.0}%), forward+backward {:.1} tok/s ({:.0}%)",
+        r.cpu_matmul_gflops,
+        r.cpu_forward_tok_s,
+        100.0 * r.cpu_forward_fraction_of_ceiling,
+        r.cpu_fwd_bwd_tok_s,
+        100.0 * r.cpu_fwd_bwd_fraction_of_ceiling
+    );
     println!("peak RSS              {:>9.1} MB", r.peak_rss_mb);
     Ok(())
 }

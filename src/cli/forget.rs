@@ -60,20 +60,33 @@ pub fn run(a: ForgetArgs) -> Result<()> {
     if a.json {
         return super::print_json(&r);
     }
-    for (title, list) in [("forgetting", &r.conditions), ("compensation", &r.compensation)] {
+    for (title, list) in [
+        ("forgetting", &r.conditions),
+        ("compensation", &r.compensation),
+    ] {
         if list.is_empty() {
             continue;
         }
         println!("{title}: PPL at step 0 -> step {} (ratio)", r.config.steps);
         print!("{:<34}", "condition");
         for l in &r.eval_langs {
-            print!(" {:>22}", if r.train_langs.contains(l) { format!("{l}*") } else { l.clone() });
+            print!(
+                " {:>22}",
+                if r.train_langs.contains(l) {
+                    format!("{l}*")
+                } else {
+                    l.clone()
+                }
+            );
         }
         println!();
         for c in list {
             print!("{:<34}", c.condition);
             for s in &c.summary {
-                print!(" {:>22}", format!("{:.2}->{:.2} ({:.2})", s.ppl_start, s.ppl_end, s.ratio));
+                print!(
+                    " {:>22}",
+                    format!("{:.2}->{:.2} ({:.2})", s.ppl_start, s.ppl_end, s.ratio)
+                );
             }
             println!();
         }

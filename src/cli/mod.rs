@@ -8,6 +8,7 @@ mod forget;
 mod generate;
 mod perturb;
 mod ppl;
+mod reproduce;
 mod score;
 pub mod region;
 pub mod progress;
@@ -50,6 +51,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Forgetting experiment: train with nothing / a region / a random region frozen (+ compensation).
     Forget(forget::ForgetArgs),
+    /// The whole study (baseline → importance → regions → ablation → … ) with an HTML report; resumable.
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 /// The default model: SmolLM2-135M from the assets folder.
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::run(a),
         Command::Train(a) => train::run(a),
         Command::Forget(a) => forget::run(a),
+        Command::Reproduce(a) => reproduce::run(a),
     }
 }
 

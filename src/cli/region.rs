@@ -316,13 +316,18 @@ fn run_stats(a: StatsArgs) -> Result<()> {
     let mut images = Vec::new();
     for n in &chosen {
         let p = a.out.join("heatmaps").join(heatmap_name(n));
-        heatmap::write_grid(&p, &heatmap::tensor_grid(&r[n]), 64)?;
+        heatmap::write_grid(&p, &heatmap::tensor_grid(&r[n]), 64, heatmap::Scale::Counts)?;
         images.push(json!({"tensor": n, "path": p}));
     }
     let overview = (!s.layers.is_empty()).then(|| a.out.join("overview.png"));
     if let Some(p) = &overview {
         let counts: Vec<Vec<u64>> = s.layers.iter().map(|l| l.hidden_counts.clone()).collect();
-        heatmap::write_grid(p, &heatmap::overview_grid(&counts), 480)?;
+        heatmap::write_grid(
+            p,
+            &heatmap::overview_grid(&counts),
+            480,
+            heatmap::Scale::Enrichment,
+        )?;
     }
     let stats_path = a.out.join("stats.json");
     let doc = json!({"mask": a.mask, "overview": overview, "images": images, "stats": s});

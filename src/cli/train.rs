@@ -73,8 +73,13 @@ impl HyperArgs {
     /// The training configuration these flags describe.
     pub fn config(&self, save_model: bool) -> Result<TrainConfig> {
         let b = data::split_values(std::slice::from_ref(&self.betas));
-        let [b1, b2] = b.as_slice() else { bail!("--betas '{}': expected B1,B2", self.betas) };
-        let p = |s: &str| s.parse::<f64>().with_context(|| format!("--betas: '{s}' is not a number"));
+        let [b1, b2] = b.as_slice() else {
+            bail!("--betas '{}': expected B1,B2", self.betas)
+        };
+        let p = |s: &str| {
+            s.parse::<f64>()
+                .with_context(|| format!("--betas: '{s}' is not a number"))
+        };
         let (beta1, beta2) = (p(b1)?, p(b2)?);
         if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
             bail!("--betas must lie in [0, 1)");
@@ -90,7 +95,13 @@ impl HyperArgs {
             seq_len: self.seq_len,
             warmup: self.warmup,
             schedule: self.schedule,
-            adamw: AdamWConfig { beta1, beta2, eps: self.eps, weight_decay: self.weight_decay, clip: (self.clip > 0.0).then_some(self.clip) },
+            adamw: AdamWConfig {
+                beta1,
+                beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                clip: (self.clip > 0.0).then_some(self.clip),
+            },
             seed: self.seed,
             eval_every: self.eval_every,
             eval_seq_len: self.seq_len,
@@ -149,7 +160,11 @@ pub fn union_masks(paths: &[String], model: &Model) -> Result<Option<Mask>> {
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = a.hyper.config(true)?;
     let data_in = data::from_dir_or_pairs(&a.data)?;
-    let eval_in = if a.eval.is_empty() { Vec::new() } else { data::from_dir_or_pairs(&a.eval)? };
+    let eval_in = if a.eval.is_empty() {
+        Vec::new()
+    } else {
+        data::from_dir_or_pairs(&a.eval)?
+    };
     for t in data_in.iter().chain(&eval_in) {
         data::read_text(&t.path)?;
     }
@@ -160,7 +175,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval: forget::tokenize(&model, &eval_in, a.hyper.eval_tokens)?,
         freeze: freeze.as_ref(),
     };
-    let opts = RunOptions { resume: a.hyper.resume, stop_after: a.stop_after, label: "train".into() };
+    let opts = RunOptions {
+        resume: a.hyper.resume,
+        stop_after: a.stop_after,
+        label: "train".into(),
+    };
     let r = train::train(&mut model, &inputs, &cfg, &a.out, &opts)?;
     if a.json {
         return super::print_json(&r);
@@ -179,11 +198,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !r.eval.is_empty() {
         println!("{:>6} {:<10} {:>10} {:>8}", "step", "lang", "ppl", "bpb");
         for p in &r.eval {
-            println!("{:>6} {:<10} {:>10.3} {:>8.4}", p.step, p.lang, p.ppl, p.bits_per_byte);
+            println!(
+                "{:>6} {:<10} {:>10.3} {:>8.4}",
+                p.step, p.lang, p.ppl, p.bits_per_byte
+            );
         }
     }
     if r.interrupted {
-        println!("stopped early after step {} (--stop-after); resume with --resume", r.steps);
+        println!(
+            "stopped early after step {} (--stop-after); resume with --resume",
+            r.steps
+        );
     } else {
         println!("model written to {}", a.out.display());
     }

@@ -1,5 +1,7 @@
-//! Heatmap PNGs of regions: counts sum-pooled into at most 512×512 pixels, log colour scale
-//! (black = nothing selected, through purple and orange to pale yellow = the most).
+//! Heatmap PNGs of regions, at most 512×512 pixels: a tensor's selected counts sum-pooled,
+//! and a layers × hidden-dims overview of enrichment (count / the layer's mean), max-pooled.
+//! Log colour scales: black = nothing (or no more than the mean), through purple and orange
+//! to pale yellow = the most.
 
 use super::Bits;
 use anyhow::Result;
@@ -16,16 +18,33 @@ pub struct Grid {
     pub data: Vec<f64>,
 }
 
-/// Sum-pools a `rows`×`cols` grid (given by `at(r, c)`) into blocks so that each side is at
-/// most `max_side`.
-pub fn pool(rows: usize, cols: usize, max_side: usize, at: impl Fn(usize, usize) -> f64) -> Grid {
+/// How a block of cells becomes one pixel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    Sum,
+    Max,
+}
+
+/// Pools a `rows`×`cols` grid (given by `at(r, c)`) into blocks so that each side is at most
+/// `max_side`.
+pub fn pool(
+    rows: usize,
+    cols: usize,
+    max_side: usize,
+    how: Pooling,
+    at: impl Fn(usize, usize) -> f64,
+) -> Grid {
     let fr = rows.div_ceil(max_side).max(1);
     let fc = cols.div_ceil(max_side).max(1);
     let (pr, pc) = (rows.div_ceil(fr), cols.div_ceil(fc));
     let mut data = vec![0.0; pr * pc];
     for r in 0..rows {
         for c in 0..cols {
-            data[(r / fr) * pc + c / fc] += at(r, c);
+            let cell = &mut data[(r / fr) * pc + c / fc];
+            match how {
+                Pooling::Sum => *cell += at(r, c),
+                Pooling::Max => *cell = cell.max(at(r, c)),
+            }
         }
     }
     Grid {
@@ -41,14 +60,26 @@ pub fn tensor_grid(b: &Bits) -> Grid {
         [r, c] => (*r, *c),
         _ => (1, b.data.len()),
     };
-    pool(rows, cols, MAX_SIDE, |r, c| b.data[r * cols + c] as f64)
+    pool(rows, cols, MAX_SIDE, Pooling::Sum, |r, c| {
+        b.data[r * cols + c] as f64
+    })
 }
 
-/// Layers × hidden dims: `counts[l][d]` pooled along d.
+/// Layers × hidden dims: enrichment `counts[l][d]` / (layer l's mean count per dim), max-pooled
+/// along d so a single hot dimension stays visible.
 pub fn overview_grid(counts: &[Vec<u64>]) -> Grid {
     let cols = counts.iter().map(Vec::len).max().unwrap_or(0);
-    pool(counts.len(), cols, MAX_SIDE, |r, c| {
-        counts[r].get(c).copied().unwrap_or(0) as f64
+    let means: Vec<f64> = counts
+        .iter()
+        .map(|c| c.iter().sum::<u64>() as f64 / c.len().max(1) as f64)
+        .collect();
+    pool(counts.len(), cols, MAX_SIDE, Pooling::Max, |r, c| {
+        let v = counts[r].get(c).copied().unwrap_or(0) as f64;
+        if means[r] > 0.0 {
+            v / means[r]
+        } else {
+            0.0
+        }
     })
 }
 
@@ -69,22 +100,28 @@ pub fn color(t: f64) -> [u8; 3] {
     std::array::from_fn(|k| (c0[k] + f * (c1[k] - c0[k])).round() as u8)
 }
 
-/// RGB pixels of a grid on a log scale (log(1+v) / log(1+max)); each grid row is drawn
-/// `row_height` pixels tall.
-pub fn render(g: &Grid, row_height: usize) -> Vec<u8> {
+/// Colour scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// Counts: log(1+v) / log(1+max); 0 is black.
+    Counts,
+    /// Ratios to a mean: log(v) / log(max) above 1; at or below the mean is black.
+    Enrichment,
+}
+
+/// RGB pixels of a grid on a log scale; each grid row is drawn `row_height` pixels tall.
+pub fn render(g: &Grid, row_height: usize, scale: Scale) -> Vec<u8> {
     let max = g.data.iter().cloned().fold(0.0, f64::max);
-    let denom = (1.0 + max).ln().max(f64::MIN_POSITIVE);
+    let t = |v: f64| match scale {
+        Scale::Counts if v > 0.0 => Some((1.0 + v).ln() / (1.0 + max).ln()),
+        Scale::Enrichment if v > 1.0 => Some(v.ln() / max.ln()),
+        _ => None,
+    };
     let mut out = Vec::with_capacity(g.rows * row_height * g.cols * 3);
     for r in 0..g.rows {
         let line: Vec<u8> = g.data[r * g.cols..(r + 1) * g.cols]
             .iter()
-            .flat_map(|&v| {
-                if v > 0.0 {
-                    color((1.0 + v).ln() / denom)
-                } else {
-                    [0, 0, 0]
-                }
-            })
+            .flat_map(|&v| t(v).map_or([0, 0, 0], color))
             .collect();
         for _ in 0..row_height {
             out.extend_from_slice(&line);
@@ -108,10 +145,10 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>> {
 
 /// Writes a grid as a PNG (atomically), stretching short grids so the image is at least
 /// `min_height` pixels tall (never above [`MAX_SIDE`]).
-pub fn write_grid(path: &Path, g: &Grid, min_height: usize) -> Result<()> {
+pub fn write_grid(path: &Path, g: &Grid, min_height: usize, scale: Scale) -> Result<()> {
     let rh = min_height
         .div_ceil(g.rows.max(1))
         .clamp(1, (MAX_SIDE / g.rows.max(1)).max(1));
-    let rgb = render(g, rh);
+    let rgb = render(g, rh, scale);
     crate::io::atomic_write(path, &encode_png(&rgb, g.cols, g.rows * rh)?)
 }

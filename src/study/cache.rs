@@ -15,6 +15,9 @@ pub struct StageRecord {
     pub hash: String,
     pub outputs: Vec<String>,
     pub seconds: f64,
+    /// Unix time (seconds) the stage finished.
+    #[serde(default)]
+    pub finished_at: u64,
 }
 
 /// Hash of a stage's inputs: any serialisable values, in order.
@@ -36,6 +39,11 @@ pub fn finished(dir: &Path, stage: &str, hash: &str) -> Option<StageRecord> {
     let text = std::fs::read_to_string(marker(dir, stage)).ok()?;
     let rec: StageRecord = serde_json::from_str(&text).ok()?;
     (rec.hash == hash && rec.outputs.iter().all(|o| dir.join(o).exists())).then_some(rec)
+}
+
+/// The record of a stage whatever its hash (for the report).
+pub fn record(dir: &Path, stage: &str) -> Option<StageRecord> {
+    serde_json::from_str(&std::fs::read_to_string(marker(dir, stage)).ok()?).ok()
 }
 
 /// Marks a stage finished.

@@ -80,6 +80,9 @@ pub struct DimsConfig {
     pub screen_tokens: usize,
     pub confirm_top: usize,
     pub max_tokens: usize,
+    /// Dimensions to scan (empty: every hidden dimension).
+    #[serde(default)]
+    pub dims: Vec<usize>,
 }
 
 /// Structured perturbation of the top dimensions found by the scan.
@@ -104,6 +107,11 @@ pub struct GenerationConfig {
 pub struct SuperweightsConfig {
     pub prompt: String,
     pub top: usize,
+    /// Verification text: `<eval.dir>/<eval_lang>.txt`, first `eval_tokens` tokens.
+    #[serde(default = "en")]
+    pub eval_lang: String,
+    #[serde(default = "two_five_six")]
+    pub eval_tokens: usize,
 }
 
 /// Forgetting experiment (off unless enabled).
@@ -141,6 +149,14 @@ fn one() -> usize {
     1
 }
 
+fn en() -> String {
+    "en".into()
+}
+
+fn two_five_six() -> usize {
+    256
+}
+
 /// Every stage, in dependency order.
 pub const ALL_STAGES: &[&str] = &[
     "baseline", "importance", "regions", "ablation", "concentration", "dims", "structured", "generation", "superweights", "forgetting",
@@ -158,10 +174,10 @@ impl StudyConfig {
             importance: ImportanceConfig { languages: six.clone(), corpus_dir: "{assets}/bible".into(), tokens: 2048, seq_len: 512, batch: 1 },
             eval: EvalConfig { dir: "{assets}/udhr".into(), languages: Vec::new(), max_tokens: 128, seq_len: 512 },
             regions: RegionsConfig { k: vec![0.01, 0.03], mono_k: 0.01, ops: vec!["zero".into()], controls: vec!["random".into(), "bottom".into(), "top".into()] },
-            dims: DimsConfig { layers: vec![0, 15], norm: "input".into(), op: "scale:10".into(), languages: vec!["en".into(), "zh".into(), "ru".into(), "ar".into()], screen_tokens: 64, confirm_top: 16, max_tokens: 256 },
+            dims: DimsConfig { layers: vec![0, 15], norm: "input".into(), op: "scale:10".into(), languages: vec!["en".into(), "zh".into(), "ru".into(), "ar".into()], screen_tokens: 64, confirm_top: 16, max_tokens: 256, dims: Vec::new() },
             structured: StructuredConfig { top_dims: 3, op: "zero".into() },
             generation: GenerationConfig { prompts: vec!["The capital of France is".into(), "Fudan University is located in".into()], max_tokens: 24 },
-            superweights: SuperweightsConfig { prompt: "The Universal Declaration of Human Rights was adopted in".into(), top: 5 },
+            superweights: SuperweightsConfig { prompt: "The Universal Declaration of Human Rights was adopted in".into(), top: 5, eval_lang: en(), eval_tokens: 256 },
             forgetting: ForgettingConfig::default(),
         };
         match name {

@@ -96,7 +96,13 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// The official settings: betas (0.9, 0.95), eps 1e-8, weight decay 0.001, clip 1.0.
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.001, clip: Some(1.0) }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.001,
+            clip: Some(1.0),
+        }
     }
 }
 
@@ -125,7 +131,11 @@ impl<T: Float> Coeffs<T> {
         let bc2 = 1.0 - cfg.beta2.powi(t as i32);
         Coeffs {
             grad_scale: T::of(grad_scale),
-            decay: T::of(if decayed { 1.0 - lr * cfg.weight_decay } else { 1.0 }),
+            decay: T::of(if decayed {
+                1.0 - lr * cfg.weight_decay
+            } else {
+                1.0
+            }),
             beta1: T::of(cfg.beta1),
             one_minus_beta1: T::of(1.0 - cfg.beta1),
             beta2: T::of(cfg.beta2),
@@ -139,7 +149,14 @@ impl<T: Float> Coeffs<T> {
 
 /// The fused update over raw slices: `w`, `m`, `v` in place from gradient `g`; elements
 /// with `frozen[i] != 0` are skipped entirely. All slices have the same length.
-pub fn update_slices<T: Float>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], frozen: Option<&[u8]>, c: &Coeffs<T>) {
+pub fn update_slices<T: Float>(
+    w: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    frozen: Option<&[u8]>,
+    c: &Coeffs<T>,
+) {
     let n = w.len();
     assert!(g.len() == n && m.len() == n && v.len() == n && frozen.is_none_or(|f| f.len() == n));
     w.par_chunks_mut(CHUNK)
@@ -227,14 +244,22 @@ pub struct AdamW {
 
 impl AdamW {
     /// State for `params`; `frozen(name)` gives a parameter's 0/1 flags (1 = frozen), if any.
-    pub fn new(config: AdamWConfig, params: &[Param], mut frozen: impl FnMut(&str) -> Option<Vec<u8>>) -> Result<AdamW> {
+    pub fn new(
+        config: AdamWConfig,
+        params: &[Param],
+        mut frozen: impl FnMut(&str) -> Option<Vec<u8>>,
+    ) -> Result<AdamW> {
         let mut states = Vec::with_capacity(params.len());
         for p in params {
             let n = p.var.elem_count();
             let fr = frozen(&p.name);
             if let Some(f) = &fr {
                 if f.len() != n {
-                    bail!("freeze mask for {} has {} entries, the parameter {n}", p.name, f.len());
+                    bail!(
+                        "freeze mask for {} has {} entries, the parameter {n}",
+                        p.name,
+                        f.len()
+                    );
                 }
             }
             let all_frozen = fr.as_ref().is_some_and(|f| f.iter().all(|&x| x != 0));
@@ -242,15 +267,31 @@ impl AdamW {
                 None
             } else {
                 Some(match p.var.dtype() {
-                    DType::F32 => Moments::F32 { m: vec![0.0; n], v: vec![0.0; n] },
-                    DType::F64 => Moments::F64 { m: vec![0.0; n], v: vec![0.0; n] },
+                    DType::F32 => Moments::F32 {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    },
+                    DType::F64 => Moments::F64 {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    },
                     d => bail!("AdamW needs f32 or f64 parameters, {} is {d:?}", p.name),
                 })
             };
             let frozen = fr.filter(|f| f.iter().any(|&x| x != 0));
-            states.push(ParamState { name: p.name.clone(), shape: p.var.dims().to_vec(), frozen, moments, decayed: decays(&p.name) });
+            states.push(ParamState {
+                name: p.name.clone(),
+                shape: p.var.dims().to_vec(),
+                frozen,
+                moments,
+                decayed: decays(&p.name),
+            });
         }
-        Ok(AdamW { config, step: 0, states })
+        Ok(AdamW {
+            config,
+            step: 0,
+            states,
+        })
     }
 
     /// Number of frozen elements and of all elements.
@@ -274,15 +315,30 @@ impl AdamW {
     /// `grad_scale` multiplies every gradient first (e.g. `1/A` for A accumulated
     /// micro-batches). Gradients are taken by value so that a non-contiguous one can be
     /// replaced by its contiguous copy without keeping both.
-    pub fn step(&mut self, params: &[Param], mut grads: Vec<Option<Tensor>>, lr: f64, grad_scale: f64) -> Result<StepStats> {
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        mut grads: Vec<Option<Tensor>>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<StepStats> {
         if params.len() != self.states.len() || grads.len() != params.len() {
-            bail!("AdamW: {} parameters, {} states, {} gradients", params.len(), self.states.len(), grads.len());
+            bail!(
+                "AdamW: {} parameters, {} states, {} gradients",
+                params.len(),
+                self.states.len(),
+                grads.len()
+            );
         }
         for (g, s) in grads.iter_mut().zip(&self.states) {
             if s.moments.is_none() {
                 *g = None;
             } else if let Some(t) = g.take() {
-                *g = Some(if t.is_contiguous() { t } else { t.contiguous()? });
+                *g = Some(if t.is_contiguous() {
+                    t
+                } else {
+                    t.contiguous()?
+                });
             }
         }
         let mut sq = 0f64;
@@ -303,18 +359,42 @@ impl AdamW {
         let t = self.step;
         let cfg = self.config;
         for ((p, g), s) in params.iter().zip(&grads).zip(self.states.iter_mut()) {
-            let (Some(g), Some(mom)) = (g, s.moments.as_mut()) else { continue };
+            let (Some(g), Some(mom)) = (g, s.moments.as_mut()) else {
+                continue;
+            };
             if g.dims() != p.var.dims() {
-                bail!("gradient of {} has shape {:?}, the parameter {:?}", p.name, g.dims(), p.var.dims());
+                bail!(
+                    "gradient of {} has shape {:?}, the parameter {:?}",
+                    p.name,
+                    g.dims(),
+                    p.var.dims()
+                );
             }
             let scale = grad_scale * clip_scale;
             let frozen = s.frozen.as_deref();
             match mom {
-                Moments::F32 { m, v } => apply::<f32>(p, g, m, v, frozen, Coeffs::new(&cfg, t, lr, scale, s.decayed))?,
-                Moments::F64 { m, v } => apply::<f64>(p, g, m, v, frozen, Coeffs::new(&cfg, t, lr, scale, s.decayed))?,
+                Moments::F32 { m, v } => apply::<f32>(
+                    p,
+                    g,
+                    m,
+                    v,
+                    frozen,
+                    Coeffs::new(&cfg, t, lr, scale, s.decayed),
+                )?,
+                Moments::F64 { m, v } => apply::<f64>(
+                    p,
+                    g,
+                    m,
+                    v,
+                    frozen,
+                    Coeffs::new(&cfg, t, lr, scale, s.decayed),
+                )?,
             }
         }
-        Ok(StepStats { grad_norm, clip_scale })
+        Ok(StepStats {
+            grad_norm,
+            clip_scale,
+        })
     }
 
     /// The moments as named tensors (`m.NAME`, `v.NAME`), for checkpoints.
@@ -337,14 +417,26 @@ impl AdamW {
     }
 
     /// Restores the moments written by [`AdamW::moment_tensors`].
-    pub fn load_moments(&mut self, tensors: &std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn load_moments(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for s in &mut self.states {
-            let Some(mom) = s.moments.as_mut() else { continue };
+            let Some(mom) = s.moments.as_mut() else {
+                continue;
+            };
             let get = |k: &str| -> Result<&Tensor> {
                 let key = format!("{k}.{}", s.name);
-                let t = tensors.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
+                let t = tensors
+                    .get(&key)
+                    .with_context(|| format!("optimizer state lacks {key}"))?;
                 if t.dims() != s.shape.as_slice() {
-                    bail!("optimizer state {key} has shape {:?}, expected {:?}", t.dims(), s.shape);
+                    bail!(
+                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        s.shape
+                    );
                 }
                 Ok(t)
             };
@@ -373,7 +465,9 @@ enum GradSlice<'a> {
 /// Runs `f` on the data of a contiguous CPU tensor (f32 or f64), without copying.
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(GradSlice) -> R) -> Result<R> {
     let (st, layout) = t.storage_and_layout();
-    let (a, b) = layout.contiguous_offsets().context("gradient is not contiguous")?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .context("gradient is not contiguous")?;
     match &*st {
         Storage::Cpu(CpuStorage::F32(x)) => Ok(f(GradSlice::F32(&x[a..b]))),
         Storage::Cpu(CpuStorage::F64(x)) => Ok(f(GradSlice::F64(&x[a..b]))),
@@ -399,7 +493,9 @@ impl<T: Float> candle_core::InplaceOp1 for Update<'_, T> {
         let (a, b) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("AdamW: parameter is not contiguous".into()))?;
-        let w = T::slice_mut(storage).ok_or_else(|| candle_core::Error::Msg("AdamW: parameter dtype differs from its moments".into()))?;
+        let w = T::slice_mut(storage).ok_or_else(|| {
+            candle_core::Error::Msg("AdamW: parameter dtype differs from its moments".into())
+        })?;
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
         update_slices(&mut w[a..b], self.g, &mut m, &mut v, self.frozen, &self.c);
@@ -407,17 +503,37 @@ impl<T: Float> candle_core::InplaceOp1 for Update<'_, T> {
     }
 }
 
-fn apply<T: Float>(p: &Param, g: &Tensor, m: &mut [T], v: &mut [T], frozen: Option<&[u8]>, c: Coeffs<T>) -> Result<()> {
+fn apply<T: Float>(
+    p: &Param,
+    g: &Tensor,
+    m: &mut [T],
+    v: &mut [T],
+    frozen: Option<&[u8]>,
+    c: Coeffs<T>,
+) -> Result<()> {
     if g.dtype() != T::DTYPE {
-        bail!("gradient of {} is {:?}, the optimizer state {:?}", p.name, g.dtype(), T::DTYPE);
+        bail!(
+            "gradient of {} is {:?}, the optimizer state {:?}",
+            p.name,
+            g.dtype(),
+            T::DTYPE
+        );
     }
     let (st, layout) = g.storage_and_layout();
-    let (a, b) = layout.contiguous_offsets().context("gradient is not contiguous")?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .context("gradient is not contiguous")?;
     let gs = match &*st {
         Storage::Cpu(cs) => T::slice(cs).context("gradient dtype")?,
         _ => bail!("AdamW runs on CPU tensors only"),
     };
-    let op = Update { g: &gs[a..b], m: RefCell::new(m), v: RefCell::new(v), frozen, c };
+    let op = Update {
+        g: &gs[a..b],
+        m: RefCell::new(m),
+        v: RefCell::new(v),
+        frozen,
+        c,
+    };
     p.var.as_tensor().inplace_op1(&op)?;
     Ok(())
 }

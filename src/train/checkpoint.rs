@@ -43,8 +43,14 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(&r).with_context(|| format!("{}: cannot read", r.display()))? {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if p.join("state.json").exists() {
                 v.push((n, p));
             }
@@ -83,7 +89,11 @@ impl safetensors::View for View<'_> {
             Data::F32(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Data::F64(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Data::Tensor(t) => {
-                let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_dtype(candle_core::DType::F32)).and_then(|t| t.to_vec1()).unwrap_or_default();
+                let v: Vec<f32> = t
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                    .and_then(|t| t.to_vec1())
+                    .unwrap_or_default();
                 v.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
         };
@@ -91,13 +101,22 @@ impl safetensors::View for View<'_> {
     }
     fn data_len(&self) -> usize {
         let n: usize = self.shape.iter().product();
-        n * if matches!(self.data, Data::F64(_)) { 8 } else { 4 }
+        n * if matches!(self.data, Data::F64(_)) {
+            8
+        } else {
+            4
+        }
     }
 }
 
 /// Streams tensors into a safetensors file and syncs it.
-fn write_streaming(path: &Path, views: Vec<(String, View)>, meta: Option<HashMap<String, String>>) -> Result<()> {
-    safetensors::serialize_to_file(views, meta, path).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+fn write_streaming(
+    path: &Path,
+    views: Vec<(String, View)>,
+    meta: Option<HashMap<String, String>>,
+) -> Result<()> {
+    safetensors::serialize_to_file(views, meta, path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
     std::fs::File::open(path)?.sync_all()?;
     Ok(())
 }
@@ -106,12 +125,25 @@ fn write_streaming(path: &Path, views: Vec<(String, View)>, meta: Option<HashMap
 /// the layout of `Model::save_hf`) without building the whole file in memory. The weights
 /// file is written through a temporary name and renamed.
 pub fn write_model(dir: &Path, model: &Model) -> Result<()> {
-    let views = model.params.iter().map(|p| (p.name.clone(), View { shape: p.var.dims().to_vec(), data: Data::Tensor(p.var.as_tensor().detach()) })).collect();
+    let views = model
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                View {
+                    shape: p.var.dims().to_vec(),
+                    data: Data::Tensor(p.var.as_tensor().detach()),
+                },
+            )
+        })
+        .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let tmp = dir.join(format!(".model.safetensors.{}.tmp", std::process::id()));
     write_streaming(&tmp, views, Some(meta))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors")).with_context(|| format!("{}: cannot write model.safetensors", dir.display()))?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))
+        .with_context(|| format!("{}: cannot write model.safetensors", dir.display()))?;
     write_json(&dir.join("config.json"), &model.config.to_hf_json())?;
     if let Some(t) = &model.tokenizer {
         t.save(&dir.join("tokenizer.json"))?;
@@ -128,14 +160,32 @@ fn write_moments(path: &Path, opt: &AdamW) -> Result<()> {
             Some(Moments::F64 { m, v }) => (Data::F64(m), Data::F64(v)),
             None => continue,
         };
-        views.push((format!("m.{}", s.name), View { shape: s.shape.clone(), data: m }));
-        views.push((format!("v.{}", s.name), View { shape: s.shape.clone(), data: v }));
+        views.push((
+            format!("m.{}", s.name),
+            View {
+                shape: s.shape.clone(),
+                data: m,
+            },
+        ));
+        views.push((
+            format!("v.{}", s.name),
+            View {
+                shape: s.shape.clone(),
+                data: v,
+            },
+        ));
     }
     write_streaming(path, views, None)
 }
 
 /// Writes checkpoint `step-N` atomically and keeps only the newest `keep` (at least 1).
-pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainState, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    out: &Path,
+    model: &Model,
+    opt: &AdamW,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
     let r = root(out);
     std::fs::create_dir_all(&r).with_context(|| format!("{}: cannot create", r.display()))?;
     let dest = r.join(format!("step-{}", state.step));
@@ -144,14 +194,17 @@ pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainState, keep: us
         std::fs::remove_dir_all(&tmp)?;
     }
     let res = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
         write_model(&tmp, model)?;
         write_moments(&tmp.join("optimizer.safetensors"), opt)?;
         write_json(&tmp.join("state.json"), state)?;
         if dest.exists() {
-            std::fs::remove_dir_all(&dest).with_context(|| format!("{}: cannot replace", dest.display()))?;
+            std::fs::remove_dir_all(&dest)
+                .with_context(|| format!("{}: cannot replace", dest.display()))?;
         }
-        std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
         Ok(())
     })();
     if let Err(e) = res {
@@ -162,7 +215,8 @@ pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainState, keep: us
     let keep = keep.max(1);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p).with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
+            std::fs::remove_dir_all(p)
+                .with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
         }
     }
     Ok(dest)
@@ -178,19 +232,33 @@ pub struct Loaded {
 /// Reads a checkpoint directory.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let sp = dir.join("state.json");
-    let text = std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
-    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid training state", sp.display()))?;
+    let text =
+        std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid training state", sp.display()))?;
     let (weights, _) = read_safetensors(&dir.join("model.safetensors"))?;
     let (moments, _) = read_safetensors(&dir.join("optimizer.safetensors"))?;
-    Ok(Loaded { state, weights, moments })
+    Ok(Loaded {
+        state,
+        weights,
+        moments,
+    })
 }
 
 /// Sets every parameter of `model` to the checkpoint's weights (exact copy).
 pub fn restore_weights(model: &Model, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
     for p in &model.params {
-        let t = weights.get(&p.name).with_context(|| format!("{}: checkpoint lacks {}", dir.display(), p.name))?;
+        let t = weights
+            .get(&p.name)
+            .with_context(|| format!("{}: checkpoint lacks {}", dir.display(), p.name))?;
         if t.dims() != p.var.dims() {
-            bail!("{}: {} has shape {:?}, the model {:?}", dir.display(), p.name, t.dims(), p.var.dims());
+            bail!(
+                "{}: {} has shape {:?}, the model {:?}",
+                dir.display(),
+                p.name,
+                t.dims(),
+                p.var.dims()
+            );
         }
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }

@@ -21,12 +21,24 @@ pub struct EvalPoint {
 }
 
 /// Evaluates every text (windows of `seq_len`, stride `seq_len`) at `step`.
-pub fn evaluate(model: &Model, texts: &[(String, Vec<u32>)], seq_len: usize, step: usize) -> Result<Vec<EvalPoint>> {
+pub fn evaluate(
+    model: &Model,
+    texts: &[(String, Vec<u32>)],
+    seq_len: usize,
+    step: usize,
+) -> Result<Vec<EvalPoint>> {
     texts
         .iter()
         .map(|(lang, ids)| {
             let r = eval::perplexity(model, lang, ids, seq_len, seq_len, |_| {})?;
-            Ok(EvalPoint { step, lang: r.lang, tokens: r.tokens, nll: r.nll, ppl: r.ppl, bits_per_byte: r.bits_per_byte })
+            Ok(EvalPoint {
+                step,
+                lang: r.lang,
+                tokens: r.tokens,
+                nll: r.nll,
+                ppl: r.ppl,
+                bits_per_byte: r.bits_per_byte,
+            })
         })
         .collect()
 }
@@ -35,7 +47,10 @@ pub fn evaluate(model: &Model, texts: &[(String, Vec<u32>)], seq_len: usize, ste
 pub fn to_csv(points: &[EvalPoint]) -> String {
     let mut s = String::from("step,lang,tokens,nll,ppl,bits_per_byte\n");
     for p in points {
-        s.push_str(&format!("{},{},{},{},{},{}\n", p.step, p.lang, p.tokens, p.nll, p.ppl, p.bits_per_byte));
+        s.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            p.step, p.lang, p.tokens, p.nll, p.ppl, p.bits_per_byte
+        ));
     }
     s
 }
@@ -43,5 +58,8 @@ pub fn to_csv(points: &[EvalPoint]) -> String {
 /// Writes `DIR/eval.csv` and `DIR/eval.json` (`{"seq_len", "points": [...]}`).
 pub fn write(dir: &Path, seq_len: usize, points: &[EvalPoint]) -> Result<()> {
     atomic_write(&dir.join("eval.csv"), to_csv(points).as_bytes())?;
-    write_json(&dir.join("eval.json"), &serde_json::json!({"seq_len": seq_len, "points": points}))
+    write_json(
+        &dir.join("eval.json"),
+        &serde_json::json!({"seq_len": seq_len, "points": points}),
+    )
 }

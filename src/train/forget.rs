@@ -85,7 +85,11 @@ pub struct ForgetReport {
 
 /// Tokenizes texts with the model's tokenizer, keeping at most `cap` tokens of each. With a
 /// cap, only a prefix of a long text is tokenized (enough bytes for the cap).
-pub fn tokenize(model: &Model, inputs: &[TextInput], cap: Option<usize>) -> Result<Vec<(String, Vec<u32>)>> {
+pub fn tokenize(
+    model: &Model,
+    inputs: &[TextInput],
+    cap: Option<usize>,
+) -> Result<Vec<(String, Vec<u32>)>> {
     let tok = model.tokenizer()?;
     inputs
         .iter()
@@ -99,7 +103,7 @@ pub fn tokenize(model: &Model, inputs: &[TextInput], cap: Option<usize>) -> Resu
                     }
                     let cut = text[..end].rfind('\n').filter(|&i| i > 0).unwrap_or(end);
                     let ids = tok.encode(&text[..cut])?;
-                    if ids.len() >= n + 1 {
+                    if ids.len() > n {
                         ids
                     } else {
                         tok.encode(&text)?
@@ -140,8 +144,14 @@ pub fn random_like(mask: &Mask, seed: u64) -> Result<Mask> {
 pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (name, m) in mask {
-        let var = model.param(name).with_context(|| format!("mask tensor {name} is not a parameter"))?;
-        let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let var = model
+            .param(name)
+            .with_context(|| format!("mask tensor {name} is not a parameter"))?;
+        let mut w: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         let flags: Vec<u8> = m.flatten_all()?.to_vec1()?;
         let n = w.len() as f64;
         let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
@@ -161,10 +171,11 @@ pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
 pub fn copy_model(base: &Model) -> Result<Model> {
     let w = base.named_tensors().into_iter().collect();
     let mut m = Model::from_weights(base.config.clone(), w)?;
-    m.tokenizer = match &base.tokenizer {
-        Some(t) => Some(crate::tokenizer::Tokenizer { inner: t.inner.clone(), bos: t.bos, eos: t.eos }),
-        None => None,
-    };
+    m.tokenizer = base.tokenizer.as_ref().map(|t| crate::tokenizer::Tokenizer {
+        inner: t.inner.clone(),
+        bos: t.bos,
+        eos: t.eos,
+    });
     m.source = base.source.clone();
     Ok(m)
 }
@@ -208,10 +219,27 @@ fn run_condition(
 ) -> Result<ConditionResult> {
     let mut model = copy_model(base)?;
     prepare(&model)?;
-    let inputs = TrainInputs { data: data.to_vec(), eval: eval.to_vec(), freeze };
-    let opts = RunOptions { resume: spec.resume, stop_after: None, label: condition.to_string() };
-    eprintln!("condition {condition}: training into {}", spec.out.join(dir).display());
-    let r = trainer::train(&mut model, &inputs, &spec.config, &spec.out.join(dir), &opts)?;
+    let inputs = TrainInputs {
+        data: data.to_vec(),
+        eval: eval.to_vec(),
+        freeze,
+    };
+    let opts = RunOptions {
+        resume: spec.resume,
+        stop_after: None,
+        label: condition.to_string(),
+    };
+    eprintln!(
+        "condition {condition}: training into {}",
+        spec.out.join(dir).display()
+    );
+    let r = trainer::train(
+        &mut model,
+        &inputs,
+        &spec.config,
+        &spec.out.join(dir),
+        &opts,
+    )?;
     Ok(ConditionResult {
         condition: condition.to_string(),
         dir: dir.to_string(),
@@ -222,7 +250,12 @@ fn run_condition(
     })
 }
 
-fn panels(results: &[ConditionResult], eval_langs: &[String], train_langs: &[String], reference: Option<&ConditionResult>) -> Vec<Panel> {
+fn panels(
+    results: &[ConditionResult],
+    eval_langs: &[String],
+    train_langs: &[String],
+    reference: Option<&ConditionResult>,
+) -> Vec<Panel> {
     eval_langs
         .iter()
         .map(|lang| {
@@ -230,16 +263,31 @@ fn panels(results: &[ConditionResult], eval_langs: &[String], train_langs: &[Str
                 .iter()
                 .map(|c| Series {
                     label: c.condition.clone(),
-                    points: c.eval.iter().filter(|p| &p.lang == lang).map(|p| (p.step as f64, p.ppl)).collect(),
+                    points: c
+                        .eval
+                        .iter()
+                        .filter(|p| &p.lang == lang)
+                        .map(|p| (p.step as f64, p.ppl))
+                        .collect(),
                 })
                 .collect();
             if let Some(r) = reference {
                 let pts: Vec<&EvalPoint> = r.eval.iter().filter(|p| &p.lang == lang).collect();
-                if let (Some(first), Some(last)) = (pts.iter().min_by_key(|p| p.step), pts.iter().max_by_key(|p| p.step)) {
-                    series.push(Series { label: "base model".into(), points: vec![(0.0, first.ppl), (last.step as f64, first.ppl)] });
+                if let (Some(first), Some(last)) = (
+                    pts.iter().min_by_key(|p| p.step),
+                    pts.iter().max_by_key(|p| p.step),
+                ) {
+                    series.push(Series {
+                        label: "base model".into(),
+                        points: vec![(0.0, first.ppl), (last.step as f64, first.ppl)],
+                    });
                 }
             }
-            let title = if train_langs.contains(lang) { format!("{lang} (trained)") } else { lang.clone() };
+            let title = if train_langs.contains(lang) {
+                format!("{lang} (trained)")
+            } else {
+                lang.clone()
+            };
             Panel { title, series }
         })
         .collect()
@@ -248,10 +296,16 @@ fn panels(results: &[ConditionResult], eval_langs: &[String], train_langs: &[Str
 /// The CSV of every condition's curve: `experiment,condition,step,lang,tokens,nll,ppl,bits_per_byte`.
 fn curves_csv(report: &ForgetReport) -> String {
     let mut s = String::from("experiment,condition,step,lang,tokens,nll,ppl,bits_per_byte\n");
-    for (exp, list) in [("forgetting", &report.conditions), ("compensation", &report.compensation)] {
+    for (exp, list) in [
+        ("forgetting", &report.conditions),
+        ("compensation", &report.compensation),
+    ] {
         for c in list {
             for p in &c.eval {
-                s.push_str(&format!("{exp},{},{},{},{},{},{},{}\n", c.condition, p.step, p.lang, p.tokens, p.nll, p.ppl, p.bits_per_byte));
+                s.push_str(&format!(
+                    "{exp},{},{},{},{},{},{},{}\n",
+                    c.condition, p.step, p.lang, p.tokens, p.nll, p.ppl, p.bits_per_byte
+                ));
             }
         }
     }
@@ -262,31 +316,68 @@ fn curves_csv(report: &ForgetReport) -> String {
 pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
     let base = trainer::into_f32(Model::load(&spec.model)?)?;
     let region = mask::load_for(&spec.region, &base)?;
-    let name = spec.region.file_stem().map(|s| s.to_string_lossy().replace(".safetensors", "")).unwrap_or_else(|| "region".into());
+    let name = spec
+        .region
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace(".safetensors", ""))
+        .unwrap_or_else(|| "region".into());
     let data = tokenize(&base, &spec.train, spec.data_tokens)?;
     let eval = tokenize(&base, &spec.eval, spec.eval_tokens)?;
     let train_langs: Vec<String> = data.iter().map(|d| d.0.clone()).collect();
     let eval_langs: Vec<String> = eval.iter().map(|d| d.0.clone()).collect();
     let random = random_like(&region, spec.config.seed ^ 0x5eed_0001)?;
-    std::fs::create_dir_all(&spec.out).with_context(|| format!("{}: cannot create", spec.out.display()))?;
-    mask::save(&spec.out.join("random-mask.safetensors"), &random, serde_json::json!({"method": "random", "like": spec.region.display().to_string(), "seed": spec.config.seed ^ 0x5eed_0001}))?;
+    std::fs::create_dir_all(&spec.out)
+        .with_context(|| format!("{}: cannot create", spec.out.display()))?;
+    mask::save(
+        &spec.out.join("random-mask.safetensors"),
+        &random,
+        serde_json::json!({"method": "random", "like": spec.region.display().to_string(), "seed": spec.config.seed ^ 0x5eed_0001}),
+    )?;
     let mut conditions = Vec::new();
     for (cond, dir, freeze) in [
         ("none".to_string(), "none", None),
         (name.clone(), "region", Some(&region)),
         (format!("random({name})"), "random", Some(&random)),
     ] {
-        conditions.push(run_condition(&base, spec, &data, &eval, &cond, dir, freeze, |_| Ok(()), &train_langs)?);
+        conditions.push(run_condition(
+            &base,
+            spec,
+            &data,
+            &eval,
+            &cond,
+            dir,
+            freeze,
+            |_| Ok(()),
+            &train_langs,
+        )?);
     }
     let mut compensation = Vec::new();
     if spec.compensation {
         let seed = spec.config.seed ^ 0x5eed_0002;
         for (cond, dir, freeze) in [
-            (format!("randomized({name})+frozen"), "compensation-frozen", Some(&region)),
-            (format!("randomized({name})+free"), "compensation-free", None),
+            (
+                format!("randomized({name})+frozen"),
+                "compensation-frozen",
+                Some(&region),
+            ),
+            (
+                format!("randomized({name})+free"),
+                "compensation-free",
+                None,
+            ),
         ] {
             let prep = |m: &Model| randomize(m, &region, seed);
-            compensation.push(run_condition(&base, spec, &data, &eval, &cond, dir, freeze, prep, &train_langs)?);
+            compensation.push(run_condition(
+                &base,
+                spec,
+                &data,
+                &eval,
+                &cond,
+                dir,
+                freeze,
+                prep,
+                &train_langs,
+            )?);
         }
     }
     let mut report = ForgetReport {
@@ -299,15 +390,47 @@ pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
         compensation,
         plots: Vec::new(),
     };
-    let cols = if eval_langs.len() <= 4 { eval_langs.len() } else { 3 };
+    let cols = if eval_langs.len() <= 4 {
+        eval_langs.len()
+    } else {
+        3
+    };
     let fp = spec.out.join("forgetting.png");
-    let title = format!("forgetting: train on {} ({} steps), frozen region vs none vs random", train_langs.join("+"), spec.config.steps);
-    plot::render(&fp, &title, &panels(&report.conditions, &eval_langs, &train_langs, None), "step", "ppl", true, cols)?;
+    let title = format!(
+        "forgetting: train on {} ({} steps), frozen region vs none vs random",
+        train_langs.join("+"),
+        spec.config.steps
+    );
+    plot::render(
+        &fp,
+        &title,
+        &panels(&report.conditions, &eval_langs, &train_langs, None),
+        "step",
+        "ppl",
+        true,
+        cols,
+    )?;
     report.plots.push(fp.display().to_string());
     if spec.compensation {
         let cp = spec.out.join("compensation.png");
-        let title = format!("compensation: region randomized, retrain on {} with it frozen vs free", train_langs.join("+"));
-        plot::render(&cp, &title, &panels(&report.compensation, &eval_langs, &train_langs, report.conditions.first()), "step", "ppl", true, cols)?;
+        let title = format!(
+            "compensation: region randomized, retrain on {} with it frozen vs free",
+            train_langs.join("+")
+        );
+        plot::render(
+            &cp,
+            &title,
+            &panels(
+                &report.compensation,
+                &eval_langs,
+                &train_langs,
+                report.conditions.first(),
+            ),
+            "step",
+            "ppl",
+            true,
+            cols,
+        )?;
         report.plots.push(cp.display().to_string());
     }
     atomic_write(&spec.out.join("curves.csv"), curves_csv(&report).as_bytes())?;

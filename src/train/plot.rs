@@ -22,7 +22,14 @@ pub struct Panel {
 }
 
 /// Colours of series 0, 1, 2, …
-pub const COLORS: [[u8; 3]; 6] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [255, 127, 14], [148, 103, 189], [110, 110, 110]];
+pub const COLORS: [[u8; 3]; 6] = [
+    [31, 119, 180],
+    [214, 39, 40],
+    [44, 160, 44],
+    [255, 127, 14],
+    [148, 103, 189],
+    [110, 110, 110],
+];
 
 const PANEL_W: usize = 380;
 const PANEL_H: usize = 270;
@@ -41,7 +48,11 @@ struct Canvas {
 
 impl Canvas {
     fn new(w: usize, h: usize) -> Canvas {
-        Canvas { w, h, px: vec![255; w * h * 3] }
+        Canvas {
+            w,
+            h,
+            px: vec![255; w * h * 3],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -89,7 +100,13 @@ impl Canvas {
             for (row, bits) in g.iter().enumerate() {
                 for col in 0..5 {
                     if bits & (0x10 >> col) != 0 {
-                        self.rect(cx + (col * SCALE) as i64, y + (row * SCALE) as i64, SCALE as i64, SCALE as i64, c);
+                        self.rect(
+                            cx + (col * SCALE) as i64,
+                            y + (row * SCALE) as i64,
+                            SCALE as i64,
+                            SCALE as i64,
+                            c,
+                        );
                     }
                 }
             }
@@ -134,7 +151,15 @@ pub fn fmt_num(v: f64) -> String {
 }
 
 /// Draws `panels` in a grid (`cols` per row) under `title`, with a legend, and writes a PNG.
-pub fn render(path: &Path, title: &str, panels: &[Panel], x_label: &str, y_label: &str, log_y: bool, cols: usize) -> Result<()> {
+pub fn render(
+    path: &Path,
+    title: &str,
+    panels: &[Panel],
+    x_label: &str,
+    y_label: &str,
+    log_y: bool,
+    cols: usize,
+) -> Result<()> {
     let cols = cols.max(1).min(panels.len().max(1));
     let rows = panels.len().div_ceil(cols).max(1);
     let header = 34 + 22 * 2;
@@ -143,7 +168,10 @@ pub fn render(path: &Path, title: &str, panels: &[Panel], x_label: &str, y_label
     let grey = [200, 200, 200];
     cv.text(10, 8, title, black);
     // legend
-    let labels: Vec<String> = panels.first().map(|p| p.series.iter().map(|s| s.label.clone()).collect()).unwrap_or_default();
+    let labels: Vec<String> = panels
+        .first()
+        .map(|p| p.series.iter().map(|s| s.label.clone()).collect())
+        .unwrap_or_default();
     let (mut lx, mut ly) = (10i64, 34i64);
     for (i, l) in labels.iter().enumerate() {
         let w = 30 + text_width(l) + 24;
@@ -161,14 +189,31 @@ pub fn render(path: &Path, title: &str, panels: &[Panel], x_label: &str, y_label
         let ox = (pi % cols * PANEL_W) as i64;
         let oy = (header + pi / cols * PANEL_H) as i64;
         let (px0, py0) = (ox + LEFT as i64, oy + TOP as i64);
-        let (pw, ph) = ((PANEL_W - LEFT - RIGHT) as i64, (PANEL_H - TOP - BOTTOM) as i64);
-        cv.text(px0 + (pw - text_width(&panel.title)) / 2, oy + 8, &panel.title, black);
-        let pts: Vec<(f64, f64)> = panel.series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0)).collect();
+        let (pw, ph) = (
+            (PANEL_W - LEFT - RIGHT) as i64,
+            (PANEL_H - TOP - BOTTOM) as i64,
+        );
+        cv.text(
+            px0 + (pw - text_width(&panel.title)) / 2,
+            oy + 8,
+            &panel.title,
+            black,
+        );
+        let pts: Vec<(f64, f64)> = panel
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0))
+            .collect();
         if pts.is_empty() {
             continue;
         }
-        let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-        let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(ty(p.1)), b.max(ty(p.1))));
+        let (mut x0, mut x1) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
+            (a.min(ty(p.1)), b.max(ty(p.1)))
+        });
         if x1 <= x0 {
             x1 = x0 + 1.0;
             x0 -= 0.0;
@@ -207,7 +252,12 @@ pub fn render(path: &Path, title: &str, panels: &[Panel], x_label: &str, y_label
         cv.line((px0, py0 + ph), (px0 + pw, py0 + ph), 1, black);
         for (si, s) in panel.series.iter().enumerate() {
             let c = COLORS[si % COLORS.len()];
-            let sp: Vec<(i64, i64)> = s.points.iter().filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0)).map(|p| map(p.0, p.1)).collect();
+            let sp: Vec<(i64, i64)> = s
+                .points
+                .iter()
+                .filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0))
+                .map(|p| map(p.0, p.1))
+                .collect();
             for w in sp.windows(2) {
                 cv.line(w[0], w[1], 2, c);
             }
@@ -217,7 +267,10 @@ pub fn render(path: &Path, title: &str, panels: &[Panel], x_label: &str, y_label
         }
     }
     // axis captions once, bottom-left and top-right of the figure
-    let cap = format!("x: {x_label}   y: {y_label}{}", if log_y { " (log scale)" } else { "" });
+    let cap = format!(
+        "x: {x_label}   y: {y_label}{}",
+        if log_y { " (log scale)" } else { "" }
+    );
     let w = cv.w as i64;
     cv.text(w - text_width(&cap) - 10, 8, &cap, [90, 90, 90]);
     cv.save(path)
@@ -289,15 +342,29 @@ mod tests {
     fn renders_a_png_of_the_expected_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.png");
-        let s = |l: &str, k: f64| Series { label: l.into(), points: (0..5).map(|i| (i as f64 * 10.0, k * (1.0 + i as f64))).collect() };
+        let s = |l: &str, k: f64| Series {
+            label: l.into(),
+            points: (0..5)
+                .map(|i| (i as f64 * 10.0, k * (1.0 + i as f64)))
+                .collect(),
+        };
         let panels = vec![
-            Panel { title: "en".into(), series: vec![s("none", 10.0), s("core", 20.0)] },
-            Panel { title: "zh (trained)".into(), series: vec![s("none", 5.0), s("core", 7.0)] },
+            Panel {
+                title: "en".into(),
+                series: vec![s("none", 10.0), s("core", 20.0)],
+            },
+            Panel {
+                title: "zh (trained)".into(),
+                series: vec![s("none", 5.0), s("core", 7.0)],
+            },
         ];
         render(&p, "test", &panels, "step", "ppl", true, 3).unwrap();
         let dec = png::Decoder::new(std::fs::File::open(&p).unwrap());
         let r = dec.read_info().unwrap();
-        assert_eq!((r.info().width, r.info().height), (2 * PANEL_W as u32, (34 + 44 + PANEL_H) as u32));
+        assert_eq!(
+            (r.info().width, r.info().height),
+            (2 * PANEL_W as u32, (34 + 44 + PANEL_H) as u32)
+        );
         assert_eq!(fmt_num(1234.0), "1234");
         assert_eq!(fmt_num(123456.0), "1.2e5");
         assert_eq!(fmt_num(7.5), "7.50");

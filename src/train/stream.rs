@@ -48,17 +48,31 @@ impl Stream {
         for (i, (lang, ids)) in texts.iter().enumerate() {
             let n = ids.len() / seq_len;
             if n == 0 {
-                bail!("{lang}: {} tokens, fewer than one window of --seq-len {seq_len}", ids.len());
+                bail!(
+                    "{lang}: {} tokens, fewer than one window of --seq-len {seq_len}",
+                    ids.len()
+                );
             }
             windows.extend((0..n).map(|w| (i, w * seq_len)));
         }
-        let mut s = Stream { texts, windows, seq_len, order: Vec::new(), state: StreamState { seed, epoch: 0, position: 0 } };
+        let mut s = Stream {
+            texts,
+            windows,
+            seq_len,
+            order: Vec::new(),
+            state: StreamState {
+                seed,
+                epoch: 0,
+                position: 0,
+            },
+        };
         s.shuffle();
         Ok(s)
     }
 
     fn shuffle(&mut self) {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(epoch_seed(self.state.seed, self.state.epoch));
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(epoch_seed(self.state.seed, self.state.epoch));
         self.order = (0..self.windows.len()).collect();
         self.order.shuffle(&mut rng);
     }
@@ -66,7 +80,11 @@ impl Stream {
     /// Moves to a saved state.
     pub fn restore(&mut self, state: StreamState) -> Result<()> {
         if state.position > self.windows.len() {
-            bail!("data position {} is past the {} windows of the data (different data?)", state.position, self.windows.len());
+            bail!(
+                "data position {} is past the {} windows of the data (different data?)",
+                state.position,
+                self.windows.len()
+            );
         }
         self.state = state;
         self.shuffle();
@@ -85,7 +103,10 @@ impl Stream {
 
     /// Windows per language: (lang, count).
     pub fn windows_per_lang(&self) -> Vec<(String, usize)> {
-        self.texts.iter().map(|(l, ids)| (l.clone(), ids.len() / self.seq_len)).collect()
+        self.texts
+            .iter()
+            .map(|(l, ids)| (l.clone(), ids.len() / self.seq_len))
+            .collect()
     }
 
     /// The next window's ids (starting a new, reshuffled epoch when one ends).
@@ -116,7 +137,10 @@ mod tests {
 
     #[test]
     fn windows_cover_every_full_window_once_per_epoch() {
-        let texts = vec![("a".to_string(), (0..50).collect()), ("b".to_string(), (100..125).collect())];
+        let texts = vec![
+            ("a".to_string(), (0..50).collect()),
+            ("b".to_string(), (100..125).collect()),
+        ];
         let mut s = Stream::new(texts, 10, 7).unwrap();
         assert_eq!(s.len(), 7);
         let mut starts: Vec<u32> = (0..7).map(|_| s.next_window()[0]).collect();
@@ -124,7 +148,15 @@ mod tests {
         assert_eq!(starts, vec![0, 10, 20, 30, 40, 100, 110]);
         let st = s.state;
         let after: Vec<u32> = (0..9).map(|_| s.next_window()[0]).collect();
-        let mut s2 = Stream::new(vec![("a".to_string(), (0..50).collect()), ("b".to_string(), (100..125).collect())], 10, 7).unwrap();
+        let mut s2 = Stream::new(
+            vec![
+                ("a".to_string(), (0..50).collect()),
+                ("b".to_string(), (100..125).collect()),
+            ],
+            10,
+            7,
+        )
+        .unwrap();
         s2.restore(st).unwrap();
         let again: Vec<u32> = (0..9).map(|_| s2.next_window()[0]).collect();
         assert_eq!(after, again);

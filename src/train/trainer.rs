@@ -115,7 +115,11 @@ pub fn into_f32(mut model: Model) -> Result<Model> {
     if model.dtype() == DType::F32 {
         return Ok(model);
     }
-    let w = model.named_tensors().into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    let w = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
     let mut m = Model::from_weights(model.config.clone(), w)?;
     m.tokenizer = model.tokenizer.take();
     m.source = model.source.clone();
@@ -126,7 +130,13 @@ pub fn into_f32(mut model: Model) -> Result<Model> {
 pub fn freeze_flags(mask: Option<&Mask>, name: &str) -> Result<Option<Vec<u8>>> {
     match mask.and_then(|m| m.get(name)) {
         None => Ok(None),
-        Some(t) => Ok(Some(t.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|x| (x != 0) as u8).collect())),
+        Some(t) => Ok(Some(
+            t.flatten_all()?
+                .to_vec1::<u8>()?
+                .into_iter()
+                .map(|x| (x != 0) as u8)
+                .collect(),
+        )),
     }
 }
 
@@ -151,7 +161,12 @@ pub fn fingerprint(model: &Model, cfg: &TrainConfig, inputs: &TrainInputs) -> Re
         if let Some(f) = freeze_flags(inputs.freeze, &p.name)? {
             h.update(&f);
         }
-        let t = p.var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let t = p
+            .var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         for x in t {
             h.update(x.to_le_bytes());
         }
@@ -167,7 +182,8 @@ fn finished(out: &Path, fp: &str) -> Option<TrainReport> {
     if v["fingerprint"].as_str() != Some(fp) {
         return None;
     }
-    if v["config"]["save_model"].as_bool() == Some(true) && !out.join("model.safetensors").exists() {
+    if v["config"]["save_model"].as_bool() == Some(true) && !out.join("model.safetensors").exists()
+    {
         return None;
     }
     serde_json::from_value(v["report"].clone()).ok()
@@ -180,7 +196,13 @@ fn scalar(t: &Tensor) -> Result<f64> {
 /// Trains `model` (f32) in place and writes the outputs under `out`: `eval.csv`/`eval.json`
 /// as training goes, checkpoints under `checkpoints/`, and at the end `train.json` and (with
 /// `save_model`) the final model.
-pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &Path, opts: &RunOptions) -> Result<TrainReport> {
+pub fn train(
+    model: &mut Model,
+    inputs: &TrainInputs,
+    cfg: &TrainConfig,
+    out: &Path,
+    opts: &RunOptions,
+) -> Result<TrainReport> {
     if model.dtype() != DType::F32 {
         bail!("training runs in f32; convert the model with train::into_f32 first");
     }
@@ -193,18 +215,28 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
     if let Some(m) = inputs.freeze {
         crate::mask::check_matches(m, model)?;
     }
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
     let fp = fingerprint(model, cfg, inputs)?;
     let mut stream = Stream::new(inputs.data.clone(), cfg.seq_len, cfg.seed)?;
-    let mut opt = AdamW::new(cfg.adamw, &model.params, |n| freeze_flags(inputs.freeze, n).ok().flatten())?;
+    let mut opt = AdamW::new(cfg.adamw, &model.params, |n| {
+        freeze_flags(inputs.freeze, n).ok().flatten()
+    })?;
     let mut losses = Vec::new();
     let mut eval_points: Vec<EvalPoint> = Vec::new();
     let mut start = 0;
     if opts.resume {
         if let Some(done) = finished(out, &fp) {
-            eprintln!("{}: already trained with these settings; reusing it", out.display());
+            eprintln!(
+                "{}: already trained with these settings; reusing it",
+                out.display()
+            );
             if cfg.save_model {
-                checkpoint::restore_weights(model, &crate::io::read_safetensors(&out.join("model.safetensors"))?.0, out)?;
+                checkpoint::restore_weights(
+                    model,
+                    &crate::io::read_safetensors(&out.join("model.safetensors"))?.0,
+                    out,
+                )?;
             }
             return Ok(done);
         }
@@ -221,7 +253,10 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
             start = step;
             eprintln!("resuming from {} (step {step})", dir.display());
         } else {
-            eprintln!("no checkpoint under {}; starting from step 0", checkpoint::root(out).display());
+            eprintln!(
+                "no checkpoint under {}; starting from step 0",
+                checkpoint::root(out).display()
+            );
         }
     }
     let (frozen_elements, params) = opt.frozen_count();
@@ -229,7 +264,12 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         if inputs.eval.is_empty() || pts.iter().any(|p| p.step == step) {
             return Ok(());
         }
-        pts.extend(curves::evaluate(model, &inputs.eval, cfg.eval_seq_len, step)?);
+        pts.extend(curves::evaluate(
+            model,
+            &inputs.eval,
+            cfg.eval_seq_len,
+            step,
+        )?);
         curves::write(out, cfg.eval_seq_len, pts)
     };
     if start == 0 {
@@ -238,7 +278,15 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         curves::write(out, cfg.eval_seq_len, &eval_points)?;
     }
     let tokens_per_step = cfg.batch * cfg.grad_accum * cfg.seq_len;
-    let pb = crate::cli::progress::bar(cfg.steps as u64, if opts.label.is_empty() { "train" } else { &opts.label }, "steps");
+    let pb = crate::cli::progress::bar(
+        cfg.steps as u64,
+        if opts.label.is_empty() {
+            "train"
+        } else {
+            &opts.label
+        },
+        "steps",
+    );
     pb.set_position(start as u64);
     let (mut fwd_bwd_s, mut optimizer_s) = (0f64, 0f64);
     let mut interrupted = false;
@@ -274,7 +322,11 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         let done = step + 1;
         pb.set_message(format!(
             "{} loss {loss:.3} | {:.0} tok/s | lr {lr:.2e}",
-            if opts.label.is_empty() { "train" } else { &opts.label },
+            if opts.label.is_empty() {
+                "train"
+            } else {
+                &opts.label
+            },
             tokens_per_step as f64 / (t2 - t0).as_secs_f64()
         ));
         pb.set_position(done as u64);
@@ -282,7 +334,13 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
             evaluate(model, done, &mut eval_points)?;
         }
         if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < cfg.steps {
-            let state = TrainState { step: done, stream: stream.state, fingerprint: fp.clone(), losses: losses.clone(), eval: eval_points.clone() };
+            let state = TrainState {
+                step: done,
+                stream: stream.state,
+                fingerprint: fp.clone(),
+                losses: losses.clone(),
+                eval: eval_points.clone(),
+            };
             checkpoint::save(out, model, &opt, &state, cfg.keep_checkpoints)?;
         }
         if opts.stop_after == Some(done) && done < cfg.steps {
@@ -303,7 +361,11 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
         tokens_per_step,
         fwd_bwd_s,
         optimizer_s,
-        tokens_per_s: if fwd_bwd_s + optimizer_s > 0.0 { ran * tokens_per_step as f64 / (fwd_bwd_s + optimizer_s) } else { 0.0 },
+        tokens_per_s: if fwd_bwd_s + optimizer_s > 0.0 {
+            ran * tokens_per_step as f64 / (fwd_bwd_s + optimizer_s)
+        } else {
+            0.0
+        },
         peak_rss_mb: crate::bench::peak_rss_mb(),
         interrupted,
     };
@@ -313,6 +375,9 @@ pub fn train(model: &mut Model, inputs: &TrainInputs, cfg: &TrainConfig, out: &P
     if cfg.save_model {
         checkpoint::write_model(out, model)?;
     }
-    crate::io::write_json(&out.join("train.json"), &serde_json::json!({"config": cfg, "fingerprint": fp, "report": report}))?;
+    crate::io::write_json(
+        &out.join("train.json"),
+        &serde_json::json!({"config": cfg, "fingerprint": fp, "report": report}),
+    )?;
     Ok(report)
 }
