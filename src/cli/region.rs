@@ -401,9 +401,18 @@ fn bench(a: BenchArgs) -> Result<()> {
         r.numel, r.scores_mb, r.tensors, r.k, r.threads
     );
     println!("generate              {:>8.2} s", r.generate_s);
-    println!("per-tensor top        {:>8.2} s", r.per_tensor_top_s);
-    println!("per-tensor bottom     {:>8.2} s", r.per_tensor_bottom_s);
-    println!("global top            {:>8.2} s", r.global_top_s);
+    println!(
+        "per-tensor top        {:>8.2} s  ({:.2} CPU s)",
+        r.per_tensor_top_s, r.per_tensor_top_cpu_s
+    );
+    println!(
+        "per-tensor bottom     {:>8.2} s  ({:.2} CPU s)",
+        r.per_tensor_bottom_s, r.per_tensor_bottom_cpu_s
+    );
+    println!(
+        "global top            {:>8.2} s  ({:.2} CPU s)",
+        r.global_top_s, r.global_top_cpu_s
+    );
     println!(
         "peak RSS              {:>8.0} MB ({:.2}x the scores)",
         r.peak_rss_mb, r.rss_over_scores

@@ -55,6 +55,11 @@ pub struct SelectBench {
     pub per_tensor_top_s: f64,
     pub per_tensor_bottom_s: f64,
     pub global_top_s: f64,
+    /// CPU seconds (user + system, all threads) of each selection: on an idle machine the
+    /// wall time is about this divided by the threads.
+    pub per_tensor_top_cpu_s: f64,
+    pub per_tensor_bottom_cpu_s: f64,
+    pub global_top_cpu_s: f64,
     pub peak_rss_mb: f64,
     /// Peak RSS / size of the scores (target < 1.2).
     pub rss_over_scores: f64,
@@ -73,10 +78,10 @@ pub fn run(numel: u64, k: f64, seed: u64) -> Result<SelectBench> {
     let generate_s = t.elapsed().as_secs_f64();
     let values: Vec<&[f32]> = scores.iter().map(Vec::as_slice).collect();
     let count = |_: usize, m: Vec<u8>| m.iter().map(|&b| b as u64).sum::<u64>();
-    let timed = |dir, scope| -> Result<f64> {
-        let t = Instant::now();
+    let timed = |dir, scope| -> Result<(f64, f64)> {
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         let counts = select_map(&values, k, dir, scope, count);
-        let s = t.elapsed().as_secs_f64();
+        let s = (t.elapsed().as_secs_f64(), cpu_seconds() - cpu);
         let want: u64 = match scope {
             Scope::PerTensor => values.iter().map(|v| region_size(k, v.len() as u64)).sum(),
             Scope::Global => region_size(k, numel),
@@ -87,9 +92,10 @@ pub fn run(numel: u64, k: f64, seed: u64) -> Result<SelectBench> {
         }
         Ok(s)
     };
-    let per_tensor_top_s = timed(Direction::Top, Scope::PerTensor)?;
-    let per_tensor_bottom_s = timed(Direction::Bottom, Scope::PerTensor)?;
-    let global_top_s = timed(Direction::Top, Scope::Global)?;
+    let (per_tensor_top_s, per_tensor_top_cpu_s) = timed(Direction::Top, Scope::PerTensor)?;
+    let (per_tensor_bottom_s, per_tensor_bottom_cpu_s) =
+        timed(Direction::Bottom, Scope::PerTensor)?;
+    let (global_top_s, global_top_cpu_s) = timed(Direction::Top, Scope::Global)?;
     let scores_mb = numel as f64 * 4.0 / (1024.0 * 1024.0);
     let peak_rss_mb = crate::bench::peak_rss_mb();
     Ok(SelectBench {
@@ -102,7 +108,25 @@ pub fn run(numel: u64, k: f64, seed: u64) -> Result<SelectBench> {
         per_tensor_top_s,
         per_tensor_bottom_s,
         global_top_s,
+        per_tensor_top_cpu_s,
+        per_tensor_bottom_cpu_s,
+        global_top_cpu_s,
         peak_rss_mb,
         rss_over_scores: peak_rss_mb / scores_mb,
     })
+}
+
+/// CPU time of this process so far (user + system, seconds), from /proc/self/stat
+/// (clock ticks of 1/100 s, the Linux default); 0 where unavailable.
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // fields after the command name (which may hold spaces) start at index 2 of the stat list
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }

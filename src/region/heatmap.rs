@@ -1,7 +1,7 @@
 //! Heatmap PNGs of regions, at most 512×512 pixels: a tensor's selected counts sum-pooled,
 //! and a layers × hidden-dims overview of enrichment (count / the layer's mean), max-pooled.
-//! Log colour scales: black = nothing (or no more than the mean), through purple and orange
-//! to pale yellow = the most.
+//! Fixed log colour scales: black = nothing (or no more than the mean), through purple and
+//! orange to pale yellow = a fully selected block (or 32× the mean).
 
 use super::Bits;
 use anyhow::Result;
@@ -16,6 +16,8 @@ pub struct Grid {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<f64>,
+    /// Source cells pooled into one value.
+    pub block: usize,
 }
 
 /// How a block of cells becomes one pixel.
@@ -51,6 +53,7 @@ pub fn pool(
         rows: pr,
         cols: pc,
         data,
+        block: fr * fc,
     }
 }
 
@@ -100,21 +103,26 @@ pub fn color(t: f64) -> [u8; 3] {
     std::array::from_fn(|k| (c0[k] + f * (c1[k] - c0[k])).round() as u8)
 }
 
-/// Colour scales.
+/// Enrichment at which the overview's colour scale tops out (× the layer's mean).
+pub const ENRICHMENT_TOP: f64 = 32.0;
+
+/// Colour scales, fixed so that images of different regions compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scale {
-    /// Counts: log(1+v) / log(1+max); 0 is black.
+    /// Selected counts: log(1+v) / log(1+cells per pixel), so a fully selected block is the
+    /// top colour; 0 is black.
     Counts,
-    /// Ratios to a mean: log(v) / log(max) above 1; at or below the mean is black.
+    /// Ratios to a mean: log(v) / log([`ENRICHMENT_TOP`]) above 1; at or below the mean is
+    /// black.
     Enrichment,
 }
 
 /// RGB pixels of a grid on a log scale; each grid row is drawn `row_height` pixels tall.
 pub fn render(g: &Grid, row_height: usize, scale: Scale) -> Vec<u8> {
-    let max = g.data.iter().cloned().fold(0.0, f64::max);
+    let full = (1.0 + g.block as f64).ln();
     let t = |v: f64| match scale {
-        Scale::Counts if v > 0.0 => Some((1.0 + v).ln() / (1.0 + max).ln()),
-        Scale::Enrichment if v > 1.0 => Some(v.ln() / max.ln()),
+        Scale::Counts if v > 0.0 => Some((1.0 + v).ln() / full),
+        Scale::Enrichment if v > 1.0 => Some(v.ln() / ENRICHMENT_TOP.ln()),
         _ => None,
     };
     let mut out = Vec::with_capacity(g.rows * row_height * g.cols * 3);

@@ -116,11 +116,66 @@ pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
         };
     }
     let hi = histogram(values, dir, |r| Some(r >> 16));
-    let (b, below_hi) = find_bucket(&hi, count);
+    let (b, below) = find_bucket(&hi, count);
+    let need = count - below;
+    // candidates take 16 bytes each: keep them under 1/16 of the scores' 4 bytes per entry
+    if hi[b as usize] <= (total / 64).max(1 << 16) {
+        cut_by_candidates(values, dir, b, need)
+    } else {
+        cut_by_radix(values, dir, b, need)
+    }
+}
+
+/// The cut inside bucket `b` by nth-element on the (rank, tensor, index) keys of the
+/// bucket's entries, taking `need` of them.
+fn cut_by_candidates(values: &[&[f32]], dir: Direction, b: u32, need: u64) -> Cut {
+    let chunks: Vec<(u32, u64, &[f32])> = values
+        .iter()
+        .enumerate()
+        .flat_map(|(t, v)| {
+            v.chunks(CHUNK)
+                .enumerate()
+                .map(move |(c, s)| (t as u32, (c * CHUNK) as u64, s))
+        })
+        .collect();
+    let mut cand: Vec<(u32, u32, u64)> = chunks
+        .par_iter()
+        .flat_map_iter(|&(t, off, s)| {
+            s.iter().enumerate().filter_map(move |(i, &v)| {
+                let r = rank(v, dir);
+                (r >> 16 == b).then_some((r, t, off + i as u64))
+            })
+        })
+        .collect();
+    let need = need as usize;
+    let (_, nth, _) = cand.select_nth_unstable(need - 1);
+    let rank_cut = nth.0;
+    let mut chosen = vec![0u64; values.len()];
+    let mut tied = vec![0u64; values.len()];
+    for (i, c) in cand.iter().enumerate().filter(|(_, c)| c.0 == rank_cut) {
+        tied[c.1 as usize] += 1;
+        if i < need {
+            chosen[c.1 as usize] += 1;
+        }
+    }
+    let ties = chosen
+        .iter()
+        .zip(&tied)
+        .map(|(&c, &t)| if c == t { u64::MAX } else { c })
+        .collect();
+    Cut {
+        rank: rank_cut,
+        ties,
+    }
+}
+
+/// The cut inside bucket `b` by a second histogram of the low 16 bits (for buckets too big
+/// to gather, e.g. a mass of equal scores), taking `need` of its entries.
+fn cut_by_radix(values: &[&[f32]], dir: Direction, b: u32, need: u64) -> Cut {
     let lo = histogram(values, dir, |r| (r >> 16 == b).then_some(r & 0xffff));
-    let (l, below_lo) = find_bucket(&lo, count - below_hi);
+    let (l, below) = find_bucket(&lo, need);
     let rank_cut = (b << 16) | l;
-    let need = count - below_hi - below_lo;
+    let need = need - below;
     if need == lo[l as usize] {
         return Cut {
             rank: rank_cut,
@@ -153,6 +208,12 @@ pub fn apply(values: &[f32], rank_cut: u32, ties: u64, dir: Direction) -> Vec<u8
         return values
             .iter()
             .map(|&v| (rank(v, dir) <= rank_cut) as u8)
+            .collect();
+    }
+    if ties == 0 {
+        return values
+            .iter()
+            .map(|&v| (rank(v, dir) < rank_cut) as u8)
             .collect();
     }
     let mut taken = 0u64;

@@ -18,17 +18,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-/// PPL and bits per byte of each text, one window of `seq_len` after another.
-fn eval_all(model: &Model, texts: &[(String, Vec<u32>)], seq_len: usize) -> Result<Vec<Value>> {
-    texts
-        .iter()
-        .map(|(lang, ids)| {
-            let r = eval::perplexity(model, lang, ids, seq_len, seq_len, |_| {})?;
-            Ok(json!({"lang": lang, "ppl": r.ppl, "bits_per_byte": r.bits_per_byte}))
-        })
-        .collect()
-}
-
 fn geo(results: &[Value], key: &str) -> f64 {
     geomean(&results.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>())
 }
@@ -46,12 +35,10 @@ pub fn ablation(ctx: &Ctx) -> Result<Vec<String>> {
     for &k in &c.regions.k {
         regions.push((core_name(k), mask::load_for(&region_file(ctx, &core_name(k)), model)?));
     }
-    let scores = if controls.iter().any(|c| *c != Control::Random) {
-        let mut shapes = BTreeMap::new();
-        for (n, t) in regions.iter().flat_map(|(_, m)| m.iter()) {
-            shapes.insert(n.clone(), t.dims().to_vec());
-        }
-        Some(psel::summed_abs_scores(&score_files(ctx), &shapes)?)
+    // Σ_lang |score| of the covered tensors (memory-mapped, in parallel), for bottom/top
+    let scores: Option<BTreeMap<String, Vec<f32>>> = if controls.iter().any(|c| *c != Control::Random) {
+        let (_, sum) = crate::region::scores::sum_abs(&score_files(ctx), crate::mask::Coverage::Layers)?;
+        Some(sum.into_iter().map(|(n, d)| (n, d.data)).collect())
     } else {
         None
     };

@@ -268,7 +268,7 @@ fn forgetting(dir: &Path) -> String {
 }
 
 /// Writes `DIR/report.html` (and `DIR/run.json`, this invocation's timing).
-pub fn write(ctx: &Ctx, run: &Value) -> Result<()> {
+pub(crate) fn write(ctx: &Ctx, run: &Value) -> Result<()> {
     let dir = &ctx.dir;
     crate::io::write_json(&dir.join("run.json"), run)?;
     let mut r = Report::new(&format!("Broca study: {}", ctx.model_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));

@@ -217,7 +217,10 @@ pub fn run(cfg: &StudyConfig, dir: &Path, opts: &Options) -> Result<Summary> {
         bail!("{}: model not found (run scripts/fetch-assets, or give --model)", model_path.display());
     }
     std::fs::create_dir_all(dir.join("stages")).with_context(|| format!("{}: cannot create", dir.display()))?;
-    crate::io::atomic_write(&dir.join("study.toml"), cfg.to_toml()?.as_bytes())?;
+    let toml = cfg.to_toml()?;
+    if std::fs::read_to_string(dir.join("study.toml")).ok().as_deref() != Some(toml.as_str()) {
+        crate::io::atomic_write(&dir.join("study.toml"), toml.as_bytes())?;
+    }
     let model_sha = crate::score::model_sha256(&model_path)?;
     let ctx = Ctx {
         cfg,

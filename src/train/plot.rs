@@ -38,6 +38,8 @@ const RIGHT: usize = 14;
 const TOP: usize = 30;
 const BOTTOM: usize = 40;
 const SCALE: usize = 2;
+/// Title, caption and up to two legend rows.
+const HEADER: usize = 100;
 
 /// An RGB image.
 struct Canvas {
@@ -141,7 +143,7 @@ pub fn fmt_num(v: f64) -> String {
     } else if !(0.01..100_000.0).contains(&a) {
         let e = a.log10().floor() as i32;
         format!("{:.1}e{}", v / 10f64.powi(e), e)
-    } else if a >= 100.0 {
+    } else if v.fract() == 0.0 || a >= 100.0 {
         format!("{v:.0}")
     } else if a >= 10.0 {
         format!("{v:.1}")
@@ -162,17 +164,19 @@ pub fn render(
 ) -> Result<()> {
     let cols = cols.max(1).min(panels.len().max(1));
     let rows = panels.len().div_ceil(cols).max(1);
-    let header = 34 + 22 * 2;
+    let header = HEADER;
     let mut cv = Canvas::new(cols * PANEL_W, header + rows * PANEL_H);
     let black = [0, 0, 0];
     let grey = [200, 200, 200];
     cv.text(10, 8, title, black);
+    let cap = format!("x: {x_label}   y: {y_label}{}", if log_y { " (log scale)" } else { "" });
+    cv.text(10, 30, &cap, [90, 90, 90]);
     // legend
     let labels: Vec<String> = panels
         .first()
         .map(|p| p.series.iter().map(|s| s.label.clone()).collect())
         .unwrap_or_default();
-    let (mut lx, mut ly) = (10i64, 34i64);
+    let (mut lx, mut ly) = (10i64, 56i64);
     for (i, l) in labels.iter().enumerate() {
         let w = 30 + text_width(l) + 24;
         if lx + w > cv.w as i64 {
@@ -296,7 +300,7 @@ fn glyph(c: char) -> [u8; 7] {
         'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
         'e' => [0x00, 0x00, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
         'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
-        'g' => [0x00, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'g' => [0x00, 0x00, 0x0F, 0x11, 0x0F, 0x01, 0x0E],
         'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
         'i' => [0x04, 0x00, 0x0C, 0x04, 0x04, 0x04, 0x0E],
         'j' => [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0C],
@@ -363,10 +367,11 @@ mod tests {
         let r = dec.read_info().unwrap();
         assert_eq!(
             (r.info().width, r.info().height),
-            (2 * PANEL_W as u32, (34 + 44 + PANEL_H) as u32)
+            (2 * PANEL_W as u32, (HEADER + PANEL_H) as u32)
         );
         assert_eq!(fmt_num(1234.0), "1234");
         assert_eq!(fmt_num(123456.0), "1.2e5");
         assert_eq!(fmt_num(7.5), "7.50");
+        assert_eq!(fmt_num(2.0), "2");
     }
 }

@@ -214,11 +214,14 @@ pub fn train(
     }
     if let Some(m) = inputs.freeze {
         crate::mask::check_matches(m, model)?;
+        if let Some((n, t)) = m.iter().find(|(_, t)| t.dtype() != DType::U8) {
+            bail!("freeze mask tensor {n} is {:?}; masks are U8", t.dtype());
+        }
     }
+    let mut stream = Stream::new(inputs.data.clone(), cfg.seq_len, cfg.seed)?;
+    let fp = fingerprint(model, cfg, inputs)?;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
-    let fp = fingerprint(model, cfg, inputs)?;
-    let mut stream = Stream::new(inputs.data.clone(), cfg.seq_len, cfg.seed)?;
     let mut opt = AdamW::new(cfg.adamw, &model.params, |n| {
         freeze_flags(inputs.freeze, n).ok().flatten()
     })?;
