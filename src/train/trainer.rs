@@ -104,6 +104,9 @@ pub struct TrainReport {
     pub fwd_bwd_s: f64,
     /// Seconds spent in the optimizer (clipping norm + update).
     pub optimizer_s: f64,
+    /// Per step of this process: (forward+backward seconds, optimizer seconds).
+    #[serde(default)]
+    pub step_times_s: Vec<(f64, f64)>,
     pub tokens_per_s: f64,
     pub peak_rss_mb: f64,
     /// Whether the run stopped early (`stop_after`).
@@ -292,6 +295,7 @@ pub fn train(
     );
     pb.set_position(start as u64);
     let (mut fwd_bwd_s, mut optimizer_s) = (0f64, 0f64);
+    let mut step_times_s = Vec::new();
     let mut interrupted = false;
     for step in start..cfg.steps {
         let lr = lr_at(step, cfg.steps, cfg.warmup, cfg.lr, cfg.schedule);
@@ -317,6 +321,7 @@ pub fn train(
         let t2 = Instant::now();
         fwd_bwd_s += (t1 - t0).as_secs_f64();
         optimizer_s += (t2 - t1).as_secs_f64();
+        step_times_s.push(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()));
         let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {
             bail!("training diverged at step {}: loss {loss}", step + 1);
@@ -364,6 +369,7 @@ pub fn train(
         tokens_per_step,
         fwd_bwd_s,
         optimizer_s,
+        step_times_s,
         tokens_per_s: if fwd_bwd_s + optimizer_s > 0.0 {
             ran * tokens_per_step as f64 / (fwd_bwd_s + optimizer_s)
         } else {

@@ -124,7 +124,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5.000_000_0e-1;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -153,7 +153,7 @@ pub(crate) fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]
 
 /// Rows of length `n` in a slice of length `len`, or an error.
 pub(crate) fn rows_of(len: usize, n: usize, what: &str) -> Result<usize> {
-    if n == 0 || len % n != 0 {
+    if n == 0 || !len.is_multiple_of(n) {
         bail!("{what}: {len} elements are not rows of {n}");
     }
     Ok(len / n)

@@ -97,6 +97,7 @@ impl CustomOp3 for Rope {
                 l1.dims()
             );
         }
+        #[allow(clippy::too_many_arguments)]
         fn go<T: Same>(
             x: &[T],
             l1: &Layout,
