@@ -19,8 +19,19 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 
 fn check_assets() {
     let a = broca::data::assets_dir();
-    for f in ["smollm2-135m-instruct-q4_1.gguf", "bible/en.txt", "bible/fr.txt", "udhr/en.txt", "udhr/fr.txt", "udhr/zh.txt"] {
-        assert!(a.join(f).exists(), "{}: missing asset (run scripts/fetch-assets)", a.join(f).display());
+    for f in [
+        "smollm2-135m-instruct-q4_1.gguf",
+        "bible/en.txt",
+        "bible/fr.txt",
+        "udhr/en.txt",
+        "udhr/fr.txt",
+        "udhr/zh.txt",
+    ] {
+        assert!(
+            a.join(f).exists(),
+            "{}: missing asset (run scripts/fetch-assets)",
+            a.join(f).display()
+        );
     }
 }
 
@@ -73,11 +84,19 @@ fn fixture() -> &'static (PathBuf, Summary) {
 
 /// Every file under `dir` (relative path → (bytes, mtime)), skipping `skip` names.
 fn files(dir: &Path, skip: &[&str]) -> BTreeMap<String, (Vec<u8>, SystemTime)> {
-    fn walk(base: &Path, d: &Path, skip: &[&str], out: &mut BTreeMap<String, (Vec<u8>, SystemTime)>) {
+    fn walk(
+        base: &Path,
+        d: &Path,
+        skip: &[&str],
+        out: &mut BTreeMap<String, (Vec<u8>, SystemTime)>,
+    ) {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
             let rel = p.strip_prefix(base).unwrap().to_string_lossy().to_string();
-            if skip.iter().any(|s| rel == *s || rel.starts_with(&format!("{s}/"))) {
+            if skip
+                .iter()
+                .any(|s| rel == *s || rel.starts_with(&format!("{s}/")))
+            {
                 continue;
             }
             if p.is_dir() {
@@ -93,33 +112,96 @@ fn files(dir: &Path, skip: &[&str]) -> BTreeMap<String, (Vec<u8>, SystemTime)> {
     out
 }
 
-const STAGES: [&str; 9] = ["baseline", "importance", "regions", "ablation", "concentration", "dims", "structured", "generation", "superweights"];
+const STAGES: [&str; 9] = [
+    "baseline",
+    "importance",
+    "regions",
+    "ablation",
+    "concentration",
+    "dims",
+    "structured",
+    "generation",
+    "superweights",
+];
 
 #[test]
 fn tiny_run_finishes_and_rerun_does_no_stage_work() {
     let (dir, s) = fixture();
-    assert_eq!(s.executed, STAGES.to_vec(), "first run executes every stage but forgetting");
-    for f in ["study.toml", "baseline.json", "baseline.csv", "scores/en.safetensors", "scores/fr.safetensors", "regions/core-k0.01.safetensors", "regions/mono-en.safetensors", "regions/mono-fr.safetensors", "regions/summary.json", "ablation.json", "ablation.csv", "concentration/stats.json", "concentration/overview.png", "dims/L0/dims.json", "dims/L0/dims.png", "structured.json", "generation.json", "superweights.json", "superweights.csv", "report.html"] {
+    assert_eq!(
+        s.executed,
+        STAGES.to_vec(),
+        "first run executes every stage but forgetting"
+    );
+    for f in [
+        "study.toml",
+        "baseline.json",
+        "baseline.csv",
+        "scores/en.safetensors",
+        "scores/fr.safetensors",
+        "regions/core-k0.01.safetensors",
+        "regions/mono-en.safetensors",
+        "regions/mono-fr.safetensors",
+        "regions/summary.json",
+        "ablation.json",
+        "ablation.csv",
+        "concentration/stats.json",
+        "concentration/overview.png",
+        "dims/L0/dims.json",
+        "dims/L0/dims.png",
+        "structured.json",
+        "generation.json",
+        "superweights.json",
+        "superweights.csv",
+        "report.html",
+    ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
-    assert!(!dir.join("scores/.partial").exists(), "no resume state left beside the results");
+    assert!(
+        !dir.join("scores/.partial").exists(),
+        "no resume state left beside the results"
+    );
     // ablation JSON in the `ablate --json` shape
-    let a: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("ablation.json")).unwrap()).unwrap();
-    let conds: Vec<&str> = a["conditions"].as_array().unwrap().iter().map(|c| c["condition"].as_str().unwrap()).collect();
-    assert_eq!(conds, ["base", "core-k0.01", "random(core-k0.01)", "bottom(core-k0.01)", "top(core-k0.01)"]);
+    let a: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ablation.json")).unwrap()).unwrap();
+    let conds: Vec<&str> = a["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["condition"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        conds,
+        [
+            "base",
+            "core-k0.01",
+            "random(core-k0.01)",
+            "bottom(core-k0.01)",
+            "top(core-k0.01)"
+        ]
+    );
     assert_eq!(a["languages"], serde_json::json!(["en", "fr", "zh"]));
     for c in a["conditions"].as_array().unwrap() {
         let r = c["results"].as_array().unwrap();
         assert_eq!(r.len(), 3);
-        let g = (r.iter().map(|x| x["ppl"].as_f64().unwrap().ln()).sum::<f64>() / 3.0).exp();
+        let g = (r
+            .iter()
+            .map(|x| x["ppl"].as_f64().unwrap().ln())
+            .sum::<f64>()
+            / 3.0)
+            .exp();
         assert!((c["geomean_ppl"].as_f64().unwrap() / g - 1.0).abs() < 1e-9);
     }
     // region size: floor(1% · numel) per tensor
-    let sum: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("regions/summary.json")).unwrap()).unwrap();
+    let sum: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("regions/summary.json")).unwrap()).unwrap();
     let count = sum["core"][0]["count"].as_u64().unwrap();
     let numel = sum["core"][0]["numel"].as_u64().unwrap();
-    assert!(count > 0 && count <= numel / 100 && count > numel / 100 - 300, "{count} of {numel}");
-    let dims: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("dims/L0/dims.json")).unwrap()).unwrap();
+    assert!(
+        count > 0 && count <= numel / 100 && count > numel / 100 - 300,
+        "{count} of {numel}"
+    );
+    let dims: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("dims/L0/dims.json")).unwrap()).unwrap();
     assert_eq!(dims["dims"].as_array().unwrap().len(), 6);
 
     let _g = lock();
@@ -128,9 +210,16 @@ fn tiny_run_finishes_and_rerun_does_no_stage_work() {
     let s2 = study::run(&tiny(), dir, &Options::default()).unwrap();
     assert!(s2.executed.is_empty(), "rerun executed {:?}", s2.executed);
     assert_eq!(s2.skipped, STAGES.to_vec());
-    assert!(t.elapsed().as_secs_f64() < 60.0, "rerun took {:?}", t.elapsed());
+    assert!(
+        t.elapsed().as_secs_f64() < 60.0,
+        "rerun took {:?}",
+        t.elapsed()
+    );
     let after = files(dir, &["report.html", "run.json"]);
-    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
     for (k, v) in &before {
         assert!(after[k] == *v, "{k} was rewritten by a rerun");
     }
@@ -158,15 +247,31 @@ fn changing_one_k_recomputes_only_regions_and_later_dependents() {
     let mut c = tiny();
     c.regions.k = vec![0.02];
     let s = study::run(&c, &d, &Options::default()).unwrap();
-    assert_eq!(s.executed, ["regions", "ablation", "concentration", "generation"]);
+    assert_eq!(
+        s.executed,
+        ["regions", "ablation", "concentration", "generation"]
+    );
     assert!(d.join("regions/core-k0.02.safetensors").exists());
-    assert!(!d.join("regions/core-k0.01.safetensors").exists(), "stale region of the old k removed");
+    assert!(
+        !d.join("regions/core-k0.01.safetensors").exists(),
+        "stale region of the old k removed"
+    );
     let a = std::fs::read_to_string(d.join("ablation.json")).unwrap();
     assert!(a.contains("core-k0.02") && !a.contains("core-k0.01"));
-    for st in ["baseline", "importance", "dims", "structured", "superweights"] {
+    for st in [
+        "baseline",
+        "importance",
+        "dims",
+        "structured",
+        "superweights",
+    ] {
         let a = cache::record(dir, st).unwrap();
         let b = cache::record(&d, st).unwrap();
-        assert_eq!((a.hash, a.finished_at), (b.hash, b.finished_at), "{st} must not rerun");
+        assert_eq!(
+            (a.hash, a.finished_at),
+            (b.hash, b.finished_at),
+            "{st} must not rerun"
+        );
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -177,27 +282,58 @@ fn interrupted_run_resumes_to_the_same_outputs() {
     let _g = lock();
     let d = fresh_dir("interrupt");
     // killed inside importance, after the first window of the first language (checkpointed)
-    let inside = Options { importance_stop_after_windows: Some(1), ..Options::default() };
+    let inside = Options {
+        importance_stop_after_windows: Some(1),
+        ..Options::default()
+    };
     let e = study::run(&tiny(), &d, &inside).unwrap_err();
-    assert!(format!("{e:#}").contains("stopped after 1 windows"), "{e:#}");
-    assert!(d.join("scores/.partial/en.state.safetensors").exists(), "resume state kept");
+    assert!(
+        format!("{e:#}").contains("stopped after 1 windows"),
+        "{e:#}"
+    );
+    assert!(
+        d.join("scores/.partial/en.state.safetensors").exists(),
+        "resume state kept"
+    );
     assert!(cache::record(&d, "importance").is_none());
     assert!(cache::record(&d, "baseline").is_some());
     // killed between stages, right after ablation
-    let between = Options { stop_after_stage: Some("ablation".into()), ..Options::default() };
+    let between = Options {
+        stop_after_stage: Some("ablation".into()),
+        ..Options::default()
+    };
     let e = study::run(&tiny(), &d, &between).unwrap_err();
     assert!(format!("{e:#}").contains("stopped after stage ablation"));
     let s = study::run(&tiny(), &d, &Options::default()).unwrap();
-    assert_eq!(s.executed, ["concentration", "dims", "structured", "generation", "superweights"]);
+    assert_eq!(
+        s.executed,
+        [
+            "concentration",
+            "dims",
+            "structured",
+            "generation",
+            "superweights"
+        ]
+    );
     let skip = ["report.html", "run.json", "stages"];
     let (a, b) = (files(dir, &skip), files(&d, &skip));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, v) in &a {
-        let same = if k.ends_with(".safetensors") { same_safetensors(&v.0, &b[k].0) } else { v.0 == b[k].0 };
-        assert!(same, "{k} differs between the interrupted and the uninterrupted run");
+        let same = if k.ends_with(".safetensors") {
+            same_safetensors(&v.0, &b[k].0)
+        } else {
+            v.0 == b[k].0
+        };
+        assert!(
+            same,
+            "{k} differs between the interrupted and the uninterrupted run"
+        );
     }
     for st in STAGES {
-        assert_eq!(cache::record(dir, st).unwrap().hash, cache::record(&d, st).unwrap().hash);
+        assert_eq!(
+            cache::record(dir, st).unwrap().hash,
+            cache::record(&d, st).unwrap().hash
+        );
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -207,7 +343,10 @@ fn interrupted_run_resumes_to_the_same_outputs() {
 fn same_safetensors(a: &[u8], b: &[u8]) -> bool {
     let split = |x: &[u8]| {
         let n = u64::from_le_bytes(x[..8].try_into().unwrap()) as usize;
-        (serde_json::from_slice::<serde_json::Value>(&x[8..8 + n]).unwrap(), x[8 + n..].to_vec())
+        (
+            serde_json::from_slice::<serde_json::Value>(&x[8..8 + n]).unwrap(),
+            x[8 + n..].to_vec(),
+        )
     };
     split(a) == split(b)
 }
@@ -227,7 +366,12 @@ fn tag_balance(html: &str) -> Result<(), String> {
         if tag.starts_with('!') {
             continue;
         }
-        let name: String = tag.trim_start_matches('/').chars().take_while(|c| c.is_ascii_alphanumeric()).collect::<String>().to_lowercase();
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_lowercase();
         if name.is_empty() {
             return Err(format!("bad tag <{tag}>"));
         }
@@ -262,10 +406,17 @@ fn report_has_every_section_and_is_well_formed() {
     assert!(h.starts_with("<!DOCTYPE html>"));
     tag_balance(&h).unwrap();
     for s in &SECTIONS[..6] {
-        assert_eq!(h.matches(&format!("<h2>{s}</h2>")).count(), 1, "section {s}");
+        assert_eq!(
+            h.matches(&format!("<h2>{s}</h2>")).count(),
+            1,
+            "section {s}"
+        );
     }
     assert!(!h.contains("<h2>Forgetting</h2>"), "forgetting did not run");
-    assert!(!h.contains("has not run"), "every stage's data is in the report");
+    assert!(
+        !h.contains("has not run"),
+        "every stage's data is in the report"
+    );
     assert!(!h.contains("<script"), "no scripts");
     for bad in ["src=\"http", "href=\"http", "url(http", "@import"] {
         assert!(!h.contains(bad), "network reference {bad}");
@@ -277,12 +428,31 @@ fn report_has_every_section_and_is_well_formed() {
 
 /// Opens `page` in headless Chromium: (dumped DOM, console lines on stderr).
 fn chromium(page: &Path) -> (String, Vec<String>) {
-    let bin = ["chromium", "chromium-browser"].into_iter().find(|b| std::process::Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let bin = ["chromium", "chromium-browser"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     let bin = bin.expect("chromium is not installed (scripts/test installs it)");
-    let profile = fresh_dir(&format!("chromium-{}", page.file_stem().unwrap().to_string_lossy()));
+    let profile = fresh_dir(&format!(
+        "chromium-{}",
+        page.file_stem().unwrap().to_string_lossy()
+    ));
     std::fs::create_dir_all(&profile).unwrap();
     let out = std::process::Command::new(bin)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--dump-dom")
         .arg(format!("file://{}", page.canonicalize().unwrap().display()))
@@ -290,7 +460,11 @@ fn chromium(page: &Path) -> (String, Vec<String>) {
         .expect("run chromium");
     let _ = std::fs::remove_dir_all(&profile);
     let err = String::from_utf8_lossy(&out.stderr);
-    let console = err.lines().filter(|l| l.contains("CONSOLE")).map(str::to_string).collect();
+    let console = err
+        .lines()
+        .filter(|l| l.contains("CONSOLE"))
+        .map(str::to_string)
+        .collect();
     (String::from_utf8_lossy(&out.stdout).to_string(), console)
 }
 
@@ -303,13 +477,19 @@ fn report_loads_in_chromium_without_console_errors() {
     std::fs::write(&bad, "<!DOCTYPE html><html><body><h2>Summary</h2><script>throw new Error('boom')</script></body></html>").unwrap();
     let (dom, console) = chromium(&bad);
     assert!(dom.contains("<h2>Summary</h2>"), "DOM dumped: {dom}");
-    assert!(console.iter().any(|l| l.contains("boom")), "the check must see the script error: {console:?}");
+    assert!(
+        console.iter().any(|l| l.contains("boom")),
+        "the check must see the script error: {console:?}"
+    );
     std::fs::remove_dir_all(&d).unwrap();
 
     let (dir, _) = fixture();
     let (dom, console) = chromium(&dir.join("report.html"));
     for s in &SECTIONS[..6] {
-        assert!(dom.contains(&format!("<h2>{s}</h2>")), "section {s} not in the rendered DOM");
+        assert!(
+            dom.contains(&format!("<h2>{s}</h2>")),
+            "section {s} not in the rendered DOM"
+        );
     }
     assert!(console.is_empty(), "console messages: {console:?}");
 }

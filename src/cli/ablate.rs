@@ -1,16 +1,14 @@
 //! `broca ablate`: PPL and bits per byte per language under base, each region × op, and
 //! equal-size controls (random / bottom / top per tensor).
 
-use super::progress::bar;
 use crate::data;
-use crate::eval::{self, geomean};
 use crate::mask::{self, Mask};
 use crate::model::Model;
-use crate::perturb::ops::{self, Op};
+use crate::perturb::ablate::{ablate, Ablation, AblationSpec};
+use crate::perturb::ops;
 use crate::perturb::select::{self, Control};
 use anyhow::{bail, Result};
 use clap::Args;
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -46,29 +44,6 @@ pub struct AblateArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Serialize)]
-struct LangResult {
-    lang: String,
-    ppl: f64,
-    bits_per_byte: f64,
-}
-
-#[derive(Serialize)]
-struct Condition {
-    condition: String,
-    op: String,
-    geomean_ppl: f64,
-    ratio_to_base: f64,
-    results: Vec<LangResult>,
-}
-
-#[derive(Serialize)]
-struct Output {
-    model: String,
-    languages: Vec<String>,
-    conditions: Vec<Condition>,
 }
 
 /// `NAME=FILE` region arguments, loaded and checked against the model.
@@ -113,69 +88,16 @@ pub fn run(a: AblateArgs) -> Result<()> {
     };
     let texts = super::ppl::load_texts(&model, &inputs, a.max_tokens)?;
 
-    // conditions: (label, op, mask)
-    let mut conds: Vec<(String, Option<Op>, Option<Mask>)> = vec![("base".into(), None, None)];
-    for (name, m) in &regions {
-        let ctrl: Vec<(String, Mask)> = controls
-            .iter()
-            .map(|c| {
-                Ok((
-                    c.label(name),
-                    select::control(m, *c, scores.as_ref(), a.seed)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        for op in &ops {
-            conds.push((name.clone(), Some(op.clone()), Some(m.clone())));
-            for (label, cm) in &ctrl {
-                conds.push((label.clone(), Some(op.clone()), Some(cm.clone())));
-            }
-        }
-    }
-    let pb = bar((conds.len() * texts.len()) as u64, "ablate", "evals");
-    let mut out = Vec::new();
-    for (label, op, m) in &conds {
-        let saved = match (op, m) {
-            (Some(op), Some(m)) => Some(ops::apply(&model, m, op, a.seed)?),
-            _ => None,
-        };
-        let opname = op.as_ref().map_or("none".to_string(), |o| o.to_string());
-        pb.set_message(format!("{label} {opname}"));
-        let res: Result<Vec<LangResult>> = texts
-            .iter()
-            .map(|(lang, ids)| {
-                let r = eval::perplexity(&model, lang, ids, a.seq_len, a.seq_len, |_| {})?;
-                pb.inc(1);
-                Ok(LangResult {
-                    lang: lang.clone(),
-                    ppl: r.ppl,
-                    bits_per_byte: r.bits_per_byte,
-                })
-            })
-            .collect();
-        if let Some(s) = saved {
-            ops::restore(&model, s)?;
-        }
-        let results = res?;
-        let g = geomean(&results.iter().map(|r| r.ppl).collect::<Vec<_>>());
-        out.push(Condition {
-            condition: label.clone(),
-            op: opname,
-            geomean_ppl: g,
-            ratio_to_base: 0.0,
-            results,
-        });
-    }
-    pb.finish_and_clear();
-    let base = out[0].geomean_ppl;
-    for c in &mut out {
-        c.ratio_to_base = c.geomean_ppl / base;
-    }
-    let output = Output {
-        model: a.model.display().to_string(),
-        languages: texts.iter().map(|(l, _)| l.clone()).collect(),
-        conditions: out,
+    let spec = AblationSpec {
+        regions: &regions,
+        ops: &ops,
+        controls: &controls,
+        scores: scores.as_ref(),
+        texts: &texts,
+        seq_len: a.seq_len,
+        seed: a.seed,
     };
+    let output = ablate(&model, &a.model.display().to_string(), &spec)?;
     if a.json {
         return super::print_json(&output);
     }
@@ -183,7 +105,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(o: &Output) {
+fn print_table(o: &Ablation) {
     println!("model: {}  (PPL per language; token-weighted)", o.model);
     let mut head = format!(
         "{:<22} {:<18} {:>12} {:>9}",

@@ -7,14 +7,14 @@ use super::progress::bar;
 use crate::data;
 use crate::eval::{self, geomean};
 use crate::model::Model;
-use crate::perturb::dims::{self as scan, NormSite};
+use crate::perturb::dims::NormSite;
 use crate::perturb::ops::{self, Op};
-use crate::perturb::{plot, structured};
+use crate::perturb::scan::{self as pscan, DimRow, ScanOutput, ScanParams};
+use crate::perturb::structured;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Default evaluation languages of the scans (UDHR): a few scripts, kept small for speed.
 pub const DEFAULT_LANGS: [&str; 5] = ["en", "zh", "ar", "ru", "de"];
@@ -172,48 +172,7 @@ pub fn run(a: DimsArgs) -> Result<()> {
     }
 }
 
-#[derive(Serialize)]
-struct DimRow {
-    dim: usize,
-    weight: f64,
-    new_value: f64,
-    /// Geometric-mean PPL over languages at --screen-tokens.
-    screen_ppl: f64,
-    /// Geometric-mean PPL at --max-tokens (confirmed dims and the median dim only).
-    ppl: Option<f64>,
-    /// Per-language PPL at the confirmation length, else at the screening length.
-    per_lang_ppl: Vec<f64>,
-    /// First-order prediction of the change in mean NLL (nats) from the gradient.
-    first_order_delta_nll: f64,
-}
-
-#[derive(Serialize)]
-struct ScanOutput {
-    model: String,
-    norm: String,
-    op: String,
-    seed: u64,
-    languages: Vec<String>,
-    screen_tokens: Vec<usize>,
-    max_tokens: Vec<usize>,
-    base_screen_ppl: f64,
-    base_ppl: f64,
-    /// Ranked: confirmed dims by ppl, then the rest by screen_ppl (most damaging first).
-    dims: Vec<DimRow>,
-    median_dim: usize,
-    /// Spearman correlation between the first-order prediction and the exact screen.
-    spearman_first_order_vs_screen: f64,
-    /// Spearman correlation between screen and confirmation over the confirmed dims.
-    spearman_screen_vs_confirm: Option<f64>,
-    timing: serde_json::Value,
-}
-
-fn geo_ppl(nlls: &[f64]) -> f64 {
-    (nlls.iter().sum::<f64>() / nlls.len() as f64).exp()
-}
-
 fn run_scan(a: ScanArgs) -> Result<()> {
-    let t0 = Instant::now();
     let norm = a
         .norm
         .as_deref()
@@ -234,171 +193,19 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let h = model.config.hidden_size;
     let dims = parse_list(&a.dims, h, "dimension")?;
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
-    let langs: Vec<String> = texts.iter().map(|(l, _)| l.clone()).collect();
-    let screen: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|(_, ids)| ids[..ids.len().min(a.screen_tokens)].to_vec())
-        .collect();
-    let full: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids.clone()).collect();
-    let name = site.param_name();
-    let w = ops::values_f64(
-        model
-            .param(&name)
-            .context("norm weight missing")?
-            .as_tensor(),
-    )?;
-    let values = scan::new_values(&model, site, &op, a.seed, &dims)?;
-    let batch_for = |t: usize| a.batch.unwrap_or((1024 / t.max(1)).max(1));
-
-    // baselines; the full-length one also times a naive evaluation of one dimension
-    let base_screen = scan::base_nll(&model, &screen)?;
-    let tb = Instant::now();
-    let base_full = scan::base_nll(&model, &full)?;
-    let naive_one_s = tb.elapsed().as_secs_f64();
-
-    // stage 1: every dimension, short windows
-    let ts = Instant::now();
-    let pb = bar((dims.len() * screen.len()) as u64, "dims screen", "dims");
-    let scr = scan::scan_batched(
-        &model,
+    let params = ScanParams {
         site,
-        &dims,
-        &values,
-        &screen,
-        batch_for(a.screen_tokens),
-        &mut |n| pb.inc(n as u64),
-    )?;
-    pb.finish_and_clear();
-    let screen_s = ts.elapsed().as_secs_f64();
-    let screen_ppl: Vec<f64> = scr.iter().map(|v| geo_ppl(v)).collect();
-
-    // stage 2: the most damaging dims (and the median one), full windows
-    let mut order: Vec<usize> = (0..dims.len()).collect();
-    order.sort_by(|&x, &y| {
-        screen_ppl[y]
-            .total_cmp(&screen_ppl[x])
-            .then(dims[x].cmp(&dims[y]))
-    });
-    let median_i = order[order.len() / 2];
-    let mut confirm: Vec<usize> = order.iter().take(a.confirm_top).cloned().collect();
-    if !confirm.contains(&median_i) {
-        confirm.push(median_i);
-    }
-    let tc = Instant::now();
-    let cdims: Vec<usize> = confirm.iter().map(|&i| dims[i]).collect();
-    let cvals: Vec<f64> = confirm.iter().map(|&i| values[i]).collect();
-    let pb = bar((cdims.len() * full.len()) as u64, "dims confirm", "dims");
-    let conf = scan::scan_batched(
-        &model,
-        site,
-        &cdims,
-        &cvals,
-        &full,
-        batch_for(a.max_tokens),
-        &mut |n| pb.inc(n as u64),
-    )?;
-    pb.finish_and_clear();
-    let confirm_s = tc.elapsed().as_secs_f64();
-
-    // first-order screen
-    let tg = Instant::now();
-    let g = scan::norm_gradient(&model, site, &screen)?;
-    let gradient_s = tg.elapsed().as_secs_f64();
-    let pred: Vec<f64> = dims
-        .iter()
-        .zip(&values)
-        .map(|(&d, &v)| g[d] * (v - w[d]))
-        .collect();
-    let base_mean = base_screen.iter().sum::<f64>() / base_screen.len() as f64;
-    let exact: Vec<f64> = scr
-        .iter()
-        .map(|v| v.iter().sum::<f64>() / v.len() as f64 - base_mean)
-        .collect();
-    let rho = scan::spearman(&pred, &exact);
-
-    let mut rows: Vec<DimRow> = Vec::new();
-    let confirmed: std::collections::HashMap<usize, &Vec<f64>> =
-        confirm.iter().cloned().zip(conf.iter()).collect();
-    let top_n = a.confirm_top.min(order.len());
-    let mut ranked: Vec<usize> = order[..top_n].to_vec();
-    ranked.sort_by(|&x, &y| {
-        geo_ppl(confirmed[&y])
-            .total_cmp(&geo_ppl(confirmed[&x]))
-            .then(dims[x].cmp(&dims[y]))
-    });
-    ranked.extend(order[top_n..].iter().cloned());
-    for i in ranked {
-        let c = confirmed.get(&i);
-        let per: Vec<f64> = c.map_or(&scr[i], |v| *v).iter().map(|x| x.exp()).collect();
-        rows.push(DimRow {
-            dim: dims[i],
-            weight: w[dims[i]],
-            new_value: values[i],
-            screen_ppl: screen_ppl[i],
-            ppl: c.map(|v| geo_ppl(v)),
-            per_lang_ppl: per,
-            first_order_delta_nll: pred[i],
-        });
-    }
-    let rho_sc = (top_n >= 3).then(|| {
-        let s: Vec<f64> = confirm[..top_n].iter().map(|&i| screen_ppl[i]).collect();
-        let f: Vec<f64> = conf[..top_n].iter().map(|v| geo_ppl(v)).collect();
-        scan::spearman(&s, &f)
-    });
-    let total_s = t0.elapsed().as_secs_f64();
-    let naive_s = naive_one_s * dims.len() as f64;
-    let out = ScanOutput {
-        model: a.model.display().to_string(),
-        norm: name,
-        op: op.to_string(),
+        op: &op,
+        dims: &dims,
+        screen_tokens: a.screen_tokens,
+        confirm_top: a.confirm_top,
+        confirm_tokens: a.max_tokens,
+        batch: a.batch,
         seed: a.seed,
-        languages: langs,
-        screen_tokens: screen.iter().map(Vec::len).collect(),
-        max_tokens: full.iter().map(Vec::len).collect(),
-        base_screen_ppl: geo_ppl(&base_screen),
-        base_ppl: geo_ppl(&base_full),
-        dims: rows,
-        median_dim: dims[median_i],
-        spearman_first_order_vs_screen: rho,
-        spearman_screen_vs_confirm: rho_sc,
-        timing: serde_json::json!({
-            "screen_s": screen_s, "confirm_s": confirm_s, "gradient_s": gradient_s, "total_s": total_s,
-            "naive_full_eval_one_dim_s": naive_one_s,
-            "naive_estimate_s": naive_s,
-            "speedup_vs_naive": naive_s / (screen_s + confirm_s),
-            "threads": candle_core::utils::get_num_threads(),
-        }),
     };
+    let out = pscan::scan(&model, &a.model.display().to_string(), &texts, &params)?;
     if let Some(dir) = &a.out {
-        crate::io::write_json(&dir.join("dims.json"), &out)?;
-        let mut csv = String::from("dim,weight,new_value,screen_ppl,ppl,first_order_delta_nll\n");
-        let mut by_dim: Vec<&DimRow> = out.dims.iter().collect();
-        by_dim.sort_by_key(|r| r.dim);
-        for r in &by_dim {
-            let p = r.ppl.map_or(String::new(), |p| p.to_string());
-            csv.push_str(&format!(
-                "{},{},{},{},{},{}\n",
-                r.dim, r.weight, r.new_value, r.screen_ppl, p, r.first_order_delta_nll
-            ));
-        }
-        crate::io::atomic_write(&dir.join("dims.csv"), csv.as_bytes())?;
-        let pd: Vec<usize> = by_dim.iter().map(|r| r.dim).collect();
-        let pp: Vec<f64> = by_dim.iter().map(|r| r.screen_ppl).collect();
-        let title = format!(
-            "{} {}: screen ppl (geomean {}, log scale) vs dimension; dashed = base {:.2}",
-            out.norm.trim_end_matches(".weight"),
-            out.op,
-            out.languages.join(" "),
-            out.base_screen_ppl
-        );
-        plot::ppl_by_dim(
-            &dir.join("dims.png"),
-            &title,
-            &pd,
-            &pp,
-            out.base_screen_ppl,
-            10,
-        )?;
+        pscan::write_files(dir, &out, true)?;
     }
     if a.json {
         return super::print_json(&out);

@@ -37,12 +37,22 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
     if let Some(m) = &a.model {
         cfg.model = m.display().to_string();
     }
-    let opts = Options { only: split_values(&a.only), ..Options::default() };
+    let opts = Options {
+        only: split_values(&a.only),
+        ..Options::default()
+    };
     let s = study::run(&cfg, &a.out, &opts)?;
     if a.json {
         return super::print_json(&s);
     }
-    println!("stages run: {}", if s.executed.is_empty() { "none (all up to date)".into() } else { s.executed.join(", ") });
+    println!(
+        "stages run: {}",
+        if s.executed.is_empty() {
+            "none (all up to date)".into()
+        } else {
+            s.executed.join(", ")
+        }
+    );
     println!("report: {}  ({:.1} s)", s.report.display(), s.wall_s);
     Ok(())
 }

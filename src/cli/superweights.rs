@@ -2,15 +2,11 @@
 //! by zeroing that one weight and measuring PPL.
 
 use super::ablate::fmt_ppl;
-use super::progress::bar;
 use crate::data;
-use crate::eval;
 use crate::model::Model;
-use crate::perturb::ops;
-use crate::perturb::superweights::{candidates, Candidate};
+use crate::perturb::superweights::find_and_verify;
 use anyhow::{bail, Result};
 use clap::Args;
-use serde::Serialize;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -35,14 +31,6 @@ pub struct SuperweightsArgs {
     pub json: bool,
 }
 
-#[derive(Serialize)]
-struct Verified {
-    #[serde(flatten)]
-    candidate: Candidate,
-    ppl_zeroed: f64,
-    ratio_to_base: f64,
-}
-
 pub fn run(a: SuperweightsArgs) -> Result<()> {
     let eval_path = a
         .eval
@@ -60,34 +48,7 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("{}: fewer than 2 tokens", eval_path.display());
     }
-    let ppl = |m: &Model| -> Result<f64> {
-        Ok(eval::perplexity(m, "eval", &ids, ids.len(), ids.len(), |_| {})?.ppl)
-    };
-    let base = ppl(&model)?;
-    let mut cands = candidates(&model, &prompt_ids)?;
-    cands.sort_by(|x, y| {
-        y.output_activation
-            .abs()
-            .total_cmp(&x.output_activation.abs())
-    });
-    cands.truncate(a.top);
-    let pb = bar(cands.len() as u64, "superweights", "weights");
-    let mut out = Vec::new();
-    for c in cands {
-        let name = format!("model.layers.{}.mlp.down_proj.weight", c.layer);
-        let cols = model.config.intermediate_size;
-        let saved = ops::apply_values(&model, &name, &[c.row * cols + c.col], &[0.0])?;
-        let p = ppl(&model);
-        ops::restore(&model, saved)?;
-        let p = p?;
-        pb.inc(1);
-        out.push(Verified {
-            candidate: c,
-            ppl_zeroed: p,
-            ratio_to_base: p / base,
-        });
-    }
-    pb.finish_and_clear();
+    let (base, out) = find_and_verify(&model, &prompt_ids, &ids, a.top)?;
     if a.json {
         return super::print_json(&serde_json::json!({
             "model": a.model.display().to_string(), "prompt": a.prompt, "prompt_tokens": prompt_ids.len(),

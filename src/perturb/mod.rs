@@ -2,10 +2,12 @@
 //! single-dimension norm scans, structured (whole hidden dimension) perturbation, generation
 //! specs and super-weight search.
 
+pub mod ablate;
 pub mod dims;
 pub mod layer;
 pub mod ops;
 pub mod plot;
+pub mod scan;
 pub mod select;
 pub mod spec;
 pub mod structured;

@@ -88,3 +88,51 @@ pub fn candidates(model: &Model, ids: &[u32]) -> Result<Vec<Candidate>> {
     }
     Ok(out)
 }
+
+/// A candidate and the PPL with that one weight zeroed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verified {
+    #[serde(flatten)]
+    pub candidate: Candidate,
+    pub ppl_zeroed: f64,
+    pub ratio_to_base: f64,
+}
+
+/// The `top` candidates with the largest |output activation| on `prompt_ids`, each verified
+/// by zeroing it and measuring the PPL of `ids` (one window); returns (base PPL, verified).
+pub fn find_and_verify(
+    model: &Model,
+    prompt_ids: &[u32],
+    ids: &[u32],
+    top: usize,
+) -> Result<(f64, Vec<Verified>)> {
+    let ppl = |m: &Model| -> Result<f64> {
+        Ok(crate::eval::perplexity(m, "eval", ids, ids.len(), ids.len(), |_| {})?.ppl)
+    };
+    let base = ppl(model)?;
+    let mut cands = candidates(model, prompt_ids)?;
+    cands.sort_by(|x, y| {
+        y.output_activation
+            .abs()
+            .total_cmp(&x.output_activation.abs())
+    });
+    cands.truncate(top);
+    let pb = crate::cli::progress::bar(cands.len() as u64, "superweights", "weights");
+    let cols = model.config.intermediate_size;
+    let mut out = Vec::new();
+    for c in cands {
+        let name = format!("model.layers.{}.mlp.down_proj.weight", c.layer);
+        let saved = super::ops::apply_values(model, &name, &[c.row * cols + c.col], &[0.0])?;
+        let p = ppl(model);
+        super::ops::restore(model, saved)?;
+        let p = p?;
+        pb.inc(1);
+        out.push(Verified {
+            candidate: c,
+            ppl_zeroed: p,
+            ratio_to_base: p / base,
+        });
+    }
+    pb.finish_and_clear();
+    Ok((base, out))
+}

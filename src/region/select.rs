@@ -68,26 +68,23 @@ fn histogram(
     bucket: impl Fn(u32) -> Option<u32> + Sync,
 ) -> Vec<u64> {
     let chunks: Vec<&[f32]> = values.iter().flat_map(|v| v.chunks(CHUNK)).collect();
+    let add = |mut a: Vec<u64>, b: Vec<u64>| {
+        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+        a
+    };
     chunks
         .par_iter()
-        .fold(
-            || vec![0u64; BUCKETS],
-            |mut h, c| {
-                for &v in c.iter() {
-                    if let Some(b) = bucket(rank(v, dir)) {
-                        h[b as usize] += 1;
-                    }
+        .map(|c| {
+            // u32 counts (a chunk has < 2^32 entries) keep the table in cache
+            let mut h = vec![0u32; BUCKETS];
+            for &v in c.iter() {
+                if let Some(b) = bucket(rank(v, dir)) {
+                    h[b as usize] += 1;
                 }
-                h
-            },
-        )
-        .reduce(
-            || vec![0u64; BUCKETS],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+            }
+            h.into_iter().map(u64::from).collect()
+        })
+        .reduce(|| vec![0u64; BUCKETS], add)
 }
 
 /// The first bucket where the running count reaches `want` (≥ 1), and the count before it.
@@ -140,12 +137,17 @@ fn cut_by_candidates(values: &[&[f32]], dir: Direction, b: u32, need: u64) -> Cu
         .collect();
     let mut cand: Vec<(u32, u32, u64)> = chunks
         .par_iter()
-        .flat_map_iter(|&(t, off, s)| {
-            s.iter().enumerate().filter_map(move |(i, &v)| {
+        .map(|&(t, off, s)| {
+            let mut out = Vec::new();
+            for (i, &v) in s.iter().enumerate() {
                 let r = rank(v, dir);
-                (r >> 16 == b).then_some((r, t, off + i as u64))
-            })
+                if r >> 16 == b {
+                    out.push((r, t, off + i as u64));
+                }
+            }
+            out
         })
+        .flatten()
         .collect();
     let need = need as usize;
     let (_, nth, _) = cand.select_nth_unstable(need - 1);

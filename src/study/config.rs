@@ -135,7 +135,13 @@ impl Default for ForgettingConfig {
             enabled: false,
             train_lang: "zh".into(),
             train_dir: "{assets}/bible".into(),
-            eval_languages: vec!["en".into(), "fr".into(), "de".into(), "es".into(), "zh".into()],
+            eval_languages: vec![
+                "en".into(),
+                "fr".into(),
+                "de".into(),
+                "es".into(),
+                "zh".into(),
+            ],
             steps: 40,
             seq_len: 128,
             lr: 1e-4,
@@ -159,25 +165,76 @@ fn two_five_six() -> usize {
 
 /// Every stage, in dependency order.
 pub const ALL_STAGES: &[&str] = &[
-    "baseline", "importance", "regions", "ablation", "concentration", "dims", "structured", "generation", "superweights", "forgetting",
+    "baseline",
+    "importance",
+    "regions",
+    "ablation",
+    "concentration",
+    "dims",
+    "structured",
+    "generation",
+    "superweights",
+    "forgetting",
 ];
 
 impl StudyConfig {
     /// The named preset: `quick` (SmolLM2, ≤ 20 min on 2 cores) or `full` (Qwen2.5-Coder-0.5B,
     /// paper-sized budgets).
     pub fn preset(name: &str) -> Result<StudyConfig> {
-        let six: Vec<String> = ["ar", "es", "ru", "zh", "ko", "vi"].iter().map(|s| s.to_string()).collect();
+        let six: Vec<String> = ["ar", "es", "ru", "zh", "ko", "vi"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let quick = StudyConfig {
             model: "{assets}/smollm2-135m-instruct-q4_1.gguf".into(),
             seed: 0,
             stages: Vec::new(),
-            importance: ImportanceConfig { languages: six.clone(), corpus_dir: "{assets}/bible".into(), tokens: 2048, seq_len: 512, batch: 1 },
-            eval: EvalConfig { dir: "{assets}/udhr".into(), languages: Vec::new(), max_tokens: 128, seq_len: 512 },
-            regions: RegionsConfig { k: vec![0.01, 0.03], mono_k: 0.01, ops: vec!["zero".into()], controls: vec!["random".into(), "bottom".into(), "top".into()] },
-            dims: DimsConfig { layers: vec![0, 15], norm: "input".into(), op: "scale:10".into(), languages: vec!["en".into(), "zh".into(), "ru".into(), "ar".into()], screen_tokens: 64, confirm_top: 16, max_tokens: 256, dims: Vec::new() },
-            structured: StructuredConfig { top_dims: 3, op: "zero".into() },
-            generation: GenerationConfig { prompts: vec!["The capital of France is".into(), "Fudan University is located in".into()], max_tokens: 24 },
-            superweights: SuperweightsConfig { prompt: "The Universal Declaration of Human Rights was adopted in".into(), top: 5, eval_lang: en(), eval_tokens: 256 },
+            importance: ImportanceConfig {
+                languages: six.clone(),
+                corpus_dir: "{assets}/bible".into(),
+                tokens: 2048,
+                seq_len: 512,
+                batch: 1,
+            },
+            eval: EvalConfig {
+                dir: "{assets}/udhr".into(),
+                languages: Vec::new(),
+                max_tokens: 128,
+                seq_len: 512,
+            },
+            regions: RegionsConfig {
+                k: vec![0.01, 0.03],
+                mono_k: 0.01,
+                ops: vec!["zero".into()],
+                controls: vec!["random".into(), "bottom".into(), "top".into()],
+            },
+            dims: DimsConfig {
+                layers: vec![0, 15],
+                norm: "input".into(),
+                op: "scale:10".into(),
+                languages: vec!["en".into(), "zh".into(), "ru".into(), "ar".into()],
+                screen_tokens: 64,
+                confirm_top: 16,
+                max_tokens: 256,
+                dims: Vec::new(),
+            },
+            structured: StructuredConfig {
+                top_dims: 3,
+                op: "zero".into(),
+            },
+            generation: GenerationConfig {
+                prompts: vec![
+                    "The capital of France is".into(),
+                    "Fudan University is located in".into(),
+                ],
+                max_tokens: 24,
+            },
+            superweights: SuperweightsConfig {
+                prompt: "The Universal Declaration of Human Rights was adopted in".into(),
+                top: 5,
+                eval_lang: en(),
+                eval_tokens: 256,
+            },
             forgetting: ForgettingConfig::default(),
         };
         match name {
@@ -203,9 +260,17 @@ impl StudyConfig {
 
     /// Reads a TOML study file.
     pub fn from_file(path: &Path) -> Result<StudyConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let c: StudyConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid study config: {}", path.display(), e.to_string().replace('\n', " ")))?;
-        c.validate().with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let c: StudyConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: invalid study config: {}",
+                path.display(),
+                e.to_string().replace('\n', " ")
+            )
+        })?;
+        c.validate()
+            .with_context(|| format!("{}", path.display()))?;
         Ok(c)
     }
 
@@ -216,7 +281,12 @@ impl StudyConfig {
                 bail!("unknown stage '{s}' (stages: {})", ALL_STAGES.join(", "));
             }
         }
-        for k in self.regions.k.iter().chain(std::iter::once(&self.regions.mono_k)) {
+        for k in self
+            .regions
+            .k
+            .iter()
+            .chain(std::iter::once(&self.regions.mono_k))
+        {
             if !(0.0..=1.0).contains(k) {
                 bail!("region fraction {k} outside [0, 1]");
             }
@@ -230,9 +300,17 @@ impl StudyConfig {
     /// The stages to run, in order.
     pub fn stage_list(&self) -> Vec<String> {
         if !self.stages.is_empty() {
-            return ALL_STAGES.iter().filter(|s| self.stages.iter().any(|x| x == *s)).map(|s| s.to_string()).collect();
+            return ALL_STAGES
+                .iter()
+                .filter(|s| self.stages.iter().any(|x| x == *s))
+                .map(|s| s.to_string())
+                .collect();
         }
-        ALL_STAGES.iter().filter(|s| **s != "forgetting" || self.forgetting.enabled).map(|s| s.to_string()).collect()
+        ALL_STAGES
+            .iter()
+            .filter(|s| **s != "forgetting" || self.forgetting.enabled)
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// The config as TOML text.

@@ -67,7 +67,11 @@ impl Ctx<'_> {
         }
         let t = Instant::now();
         let m = Model::load(&self.model_path)?;
-        eprintln!("study: loaded {} in {:.1}s", self.model_path.display(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "study: loaded {} in {:.1}s",
+            self.model_path.display(),
+            t.elapsed().as_secs_f64()
+        );
         let _ = self.model.set(m);
         Ok(self.model.get().expect("just set"))
     }
@@ -82,7 +86,7 @@ impl Ctx<'_> {
 pub fn upstream(stage: &str) -> &'static [&'static str] {
     match stage {
         "regions" => &["importance"],
-        "ablation" => &["baseline", "regions"],
+        "ablation" => &["regions"],
         "concentration" => &["regions"],
         "structured" => &["dims"],
         "generation" => &["regions", "dims"],
@@ -123,14 +127,20 @@ fn section(ctx: &Ctx, stage: &str) -> Result<Value> {
     let c = ctx.cfg;
     let eval_dir = config::expand(&c.eval.dir);
     Ok(match stage {
-        "baseline" => json!({"eval": c.eval, "texts": text_hashes(&eval_dir, &stages::eval_langs(c)?)?}),
+        "baseline" => {
+            json!({"eval": c.eval, "texts": text_hashes(&eval_dir, &stages::eval_langs(c)?)?})
+        }
         "importance" => {
             json!({"importance": c.importance, "texts": text_hashes(&config::expand(&c.importance.corpus_dir), &c.importance.languages)?})
         }
         "regions" => json!({"k": c.regions.k, "mono_k": c.regions.mono_k}),
-        "ablation" => json!({"eval": c.eval, "ops": c.regions.ops, "controls": c.regions.controls, "seed": c.seed}),
+        "ablation" => {
+            json!({"eval": c.eval, "ops": c.regions.ops, "controls": c.regions.controls, "seed": c.seed})
+        }
         "concentration" => json!({}),
-        "dims" => json!({"dims": c.dims, "seed": c.seed, "texts": text_hashes(&eval_dir, &c.dims.languages)?}),
+        "dims" => {
+            json!({"dims": c.dims, "seed": c.seed, "texts": text_hashes(&eval_dir, &c.dims.languages)?})
+        }
         "structured" => json!({"structured": c.structured, "seed": c.seed}),
         "generation" => json!({"generation": c.generation, "seed": c.seed}),
         "superweights" => {
@@ -151,7 +161,12 @@ fn stage_hash(ctx: &Ctx, stage: &str) -> Result<String> {
     if let Some(h) = ctx.hashes.borrow().get(stage) {
         return Ok(h.clone());
     }
-    let mut parts = vec![json!("broca-study-v1"), json!(stage), json!(ctx.model_sha), section(ctx, stage)?];
+    let mut parts = vec![
+        json!("broca-study-v1"),
+        json!(stage),
+        json!(ctx.model_sha),
+        section(ctx, stage)?,
+    ];
     for up in upstream(stage) {
         parts.push(json!({*up: stage_hash(ctx, up)?}));
     }
@@ -175,7 +190,8 @@ fn prepare_stage(dir: &Path, stage: &str, hash: &str) -> Result<()> {
     for rel in owned(stage) {
         let p = dir.join(rel);
         if p.is_dir() {
-            std::fs::remove_dir_all(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("{}: cannot remove", p.display()))?;
         } else if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))?;
         }
@@ -200,7 +216,10 @@ fn run_stage(ctx: &Ctx, stage: &str) -> Result<Vec<String>> {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Runs the study into `dir` (resuming), then writes `dir/report.html`.
@@ -209,16 +228,27 @@ pub fn run(cfg: &StudyConfig, dir: &Path, opts: &Options) -> Result<Summary> {
     cfg.validate()?;
     for s in &opts.only {
         if !config::ALL_STAGES.contains(&s.as_str()) {
-            bail!("--only {s}: unknown stage (stages: {})", config::ALL_STAGES.join(", "));
+            bail!(
+                "--only {s}: unknown stage (stages: {})",
+                config::ALL_STAGES.join(", ")
+            );
         }
     }
     let model_path = config::expand(&cfg.model);
     if !model_path.exists() {
-        bail!("{}: model not found (run scripts/fetch-assets, or give --model)", model_path.display());
+        bail!(
+            "{}: model not found (run scripts/fetch-assets, or give --model)",
+            model_path.display()
+        );
     }
-    std::fs::create_dir_all(dir.join("stages")).with_context(|| format!("{}: cannot create", dir.display()))?;
+    std::fs::create_dir_all(dir.join("stages"))
+        .with_context(|| format!("{}: cannot create", dir.display()))?;
     let toml = cfg.to_toml()?;
-    if std::fs::read_to_string(dir.join("study.toml")).ok().as_deref() != Some(toml.as_str()) {
+    if std::fs::read_to_string(dir.join("study.toml"))
+        .ok()
+        .as_deref()
+        != Some(toml.as_str())
+    {
         crate::io::atomic_write(&dir.join("study.toml"), toml.as_bytes())?;
     }
     let model_sha = crate::score::model_sha256(&model_path)?;
@@ -235,7 +265,13 @@ pub fn run(cfg: &StudyConfig, dir: &Path, opts: &Options) -> Result<Summary> {
     if !opts.only.is_empty() {
         list.retain(|s| opts.only.contains(s));
     }
-    let mut summary = Summary { executed: Vec::new(), skipped: Vec::new(), seconds: BTreeMap::new(), wall_s: 0.0, report: dir.join("report.html") };
+    let mut summary = Summary {
+        executed: Vec::new(),
+        skipped: Vec::new(),
+        seconds: BTreeMap::new(),
+        wall_s: 0.0,
+        report: dir.join("report.html"),
+    };
     for stage in &list {
         let hash = stage_hash(&ctx, stage)?;
         if cache::finished(dir, stage, &hash).is_some() {
@@ -253,7 +289,16 @@ pub fn run(cfg: &StudyConfig, dir: &Path, opts: &Options) -> Result<Summary> {
         eprintln!("study: {stage}: running");
         let outputs = run_stage(&ctx, stage).with_context(|| format!("stage {stage}"))?;
         let seconds = ts.elapsed().as_secs_f64();
-        cache::mark(dir, &cache::StageRecord { stage: stage.clone(), hash, outputs, seconds, finished_at: unix_now() })?;
+        cache::mark(
+            dir,
+            &cache::StageRecord {
+                stage: stage.clone(),
+                hash,
+                outputs,
+                seconds,
+                finished_at: unix_now(),
+            },
+        )?;
         eprintln!("study: {stage}: done in {seconds:.1}s");
         summary.executed.push(stage.clone());
         summary.seconds.insert(stage.clone(), seconds);
@@ -265,6 +310,11 @@ pub fn run(cfg: &StudyConfig, dir: &Path, opts: &Options) -> Result<Summary> {
     let run_info = json!({"wall_s": t0.elapsed().as_secs_f64(), "executed": summary.executed, "finished_at": unix_now()});
     html::write(&ctx, &run_info)?;
     summary.wall_s = t0.elapsed().as_secs_f64();
-    eprintln!("study: report {} ({:.1}s); total {:.1}s", summary.report.display(), tr.elapsed().as_secs_f64(), summary.wall_s);
+    eprintln!(
+        "study: report {} ({:.1}s); total {:.1}s",
+        summary.report.display(),
+        tr.elapsed().as_secs_f64(),
+        summary.wall_s
+    );
     Ok(summary)
 }

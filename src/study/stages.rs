@@ -20,7 +20,10 @@ pub fn eval_langs(c: &StudyConfig) -> Result<Vec<String>> {
     if !c.eval.languages.is_empty() {
         return Ok(c.eval.languages.clone());
     }
-    Ok(crate::data::from_dir(&expand(&c.eval.dir))?.into_iter().map(|t| t.lang).collect())
+    Ok(crate::data::from_dir(&expand(&c.eval.dir))?
+        .into_iter()
+        .map(|t| t.lang)
+        .collect())
 }
 
 /// `DIR/<lang>.txt` for each language, checked to exist.
@@ -31,15 +34,26 @@ pub fn inputs(dir: &str, langs: &[String]) -> Result<Vec<TextInput>> {
         .map(|l| {
             let path = d.join(format!("{l}.txt"));
             if !path.exists() {
-                bail!("{}: text missing (run scripts/fetch-assets)", path.display());
+                bail!(
+                    "{}: text missing (run scripts/fetch-assets)",
+                    path.display()
+                );
             }
-            Ok(TextInput { lang: l.clone(), path })
+            Ok(TextInput {
+                lang: l.clone(),
+                path,
+            })
         })
         .collect()
 }
 
 /// Tokenized texts of `langs` from `dir`, at most `cap` tokens each.
-pub fn texts(ctx: &Ctx, dir: &str, langs: &[String], cap: usize) -> Result<Vec<(String, Vec<u32>)>> {
+pub fn texts(
+    ctx: &Ctx,
+    dir: &str,
+    langs: &[String],
+    cap: usize,
+) -> Result<Vec<(String, Vec<u32>)>> {
     crate::train::forget::tokenize(ctx.model()?, &inputs(dir, langs)?, Some(cap))
 }
 
@@ -55,13 +69,19 @@ pub fn region_file(ctx: &Ctx, name: &str) -> PathBuf {
 
 /// Score files of the importance languages.
 pub fn score_files(ctx: &Ctx) -> Vec<PathBuf> {
-    ctx.cfg.importance.languages.iter().map(|l| score_run::final_path(&ctx.path("scores"), l)).collect()
+    ctx.cfg
+        .importance
+        .languages
+        .iter()
+        .map(|l| score_run::final_path(&ctx.path("scores"), l))
+        .collect()
 }
 
 /// Reads a JSON output of an earlier stage.
 pub fn read_json(ctx: &Ctx, rel: &str) -> Result<Value> {
     let p = ctx.path(rel);
-    let s = std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
+    let s = std::fs::read_to_string(&p)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
     serde_json::from_str(&s).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", p.display()))
 }
 
@@ -75,7 +95,14 @@ pub fn baseline(ctx: &Ctx) -> Result<Vec<String>> {
     let mut results = Vec::new();
     for (lang, ids) in &texts {
         pb.set_message(format!("baseline {lang}"));
-        results.push(eval::perplexity(model, lang, ids, c.seq_len, c.seq_len, |_| {})?);
+        results.push(eval::perplexity(
+            model,
+            lang,
+            ids,
+            c.seq_len,
+            c.seq_len,
+            |_| {},
+        )?);
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -90,7 +117,10 @@ pub fn baseline(ctx: &Ctx) -> Result<Vec<String>> {
     write_json(&ctx.path("baseline.json"), &doc)?;
     let mut csv = String::from("lang,tokens,nll,ppl,bits_per_byte\n");
     for r in &results {
-        csv += &format!("{},{},{},{},{}\n", r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte);
+        csv += &format!(
+            "{},{},{},{},{}\n",
+            r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte
+        );
     }
     atomic_write(&ctx.path("baseline.csv"), csv.as_bytes())?;
     Ok(vec!["baseline.json".into(), "baseline.csv".into()])
@@ -103,7 +133,11 @@ pub fn importance(ctx: &Ctx) -> Result<Vec<String>> {
     let out = ctx.path("scores");
     std::fs::create_dir_all(&out)?;
     let model = ctx.model()?;
-    let job = score_run::Job { model, model_sha256: &ctx.model_sha, out: &out };
+    let job = score_run::Job {
+        model,
+        model_sha256: &ctx.model_sha,
+        out: &out,
+    };
     let opts = score_run::Options {
         seq_len: c.seq_len,
         batch: c.batch,
@@ -118,7 +152,10 @@ pub fn importance(ctx: &Ctx) -> Result<Vec<String>> {
     for (lang, ids) in &texts {
         pb.set_message(format!("importance {lang}"));
         let o = score_run::score_language(&job, lang, ids, &opts, &mut |n| pb.inc(n as u64))?;
-        eprintln!("study: importance {lang}: {} ({} windows, {:.1}s)", o.status, o.windows, o.seconds);
+        eprintln!(
+            "study: importance {lang}: {} ({} windows, {:.1}s)",
+            o.status, o.windows, o.seconds
+        );
         outs.push(format!("scores/{lang}.safetensors"));
     }
     pb.finish_and_clear();
@@ -143,7 +180,10 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
         let name = core_name(k);
         let how = json!({"method": "core", "k": k, "select": "top", "scope": "per-tensor", "include": "layers", "languages": langs});
         region::save(&region_file(ctx, &name), &r, how)?;
-        let (count, numel) = (region::total_count(&r), r.values().map(|b| b.data.len() as u64).sum::<u64>());
+        let (count, numel) = (
+            region::total_count(&r),
+            r.values().map(|b| b.data.len() as u64).sum::<u64>(),
+        );
         core.push(json!({"name": name, "k": k, "count": count, "numel": numel, "fraction": count as f64 / numel.max(1) as f64}));
         outs.push(format!("regions/{name}.safetensors"));
         outs.push(format!("regions/{name}.json"));
@@ -192,8 +232,10 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
             let count = region::total_count(&own);
             let top = region::total_count(&tops[i].1);
             let vs_core = first_core.as_ref().map(|cr| rops::compare(&own, cr).1.both);
-            mono_rows.push(json!({"lang": lang, "name": name, "count": count, "top_count": top,
-                "share_of_top": count as f64 / top.max(1) as f64, "in_core": vs_core}));
+            mono_rows.push(
+                json!({"lang": lang, "name": name, "count": count, "top_count": top,
+                "share_of_top": count as f64 / top.max(1) as f64, "in_core": vs_core}),
+            );
             outs.push(format!("regions/{name}.safetensors"));
             outs.push(format!("regions/{name}.json"));
         }
@@ -201,14 +243,29 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
     }
     pb.inc(1);
     pb.finish_and_clear();
-    let doc = json!({"languages": langs, "core": core, "mono": mono_rows, "top_k_overlap": overlap});
+    let doc =
+        json!({"languages": langs, "core": core, "mono": mono_rows, "top_k_overlap": overlap});
     write_json(&ctx.path("regions/summary.json"), &doc)?;
     let mut csv = String::from("region,k,count,numel_or_top,fraction\n");
     for r in &core {
-        csv += &format!("{},{},{},{},{}\n", r["name"].as_str().unwrap_or(""), r["k"], r["count"], r["numel"], r["fraction"]);
+        csv += &format!(
+            "{},{},{},{},{}\n",
+            r["name"].as_str().unwrap_or(""),
+            r["k"],
+            r["count"],
+            r["numel"],
+            r["fraction"]
+        );
     }
     for r in &mono_rows {
-        csv += &format!("{},{},{},{},{}\n", r["name"].as_str().unwrap_or(""), c.mono_k, r["count"], r["top_count"], r["share_of_top"]);
+        csv += &format!(
+            "{},{},{},{},{}\n",
+            r["name"].as_str().unwrap_or(""),
+            c.mono_k,
+            r["count"],
+            r["top_count"],
+            r["share_of_top"]
+        );
     }
     atomic_write(&ctx.path("regions/summary.csv"), csv.as_bytes())?;
     outs.push("regions/summary.json".into());
@@ -223,7 +280,9 @@ fn heatmap_name(tensor: &str) -> String {
 
 /// Concentration of the first core region on hidden dimensions: stats and heatmaps.
 pub fn concentration(ctx: &Ctx) -> Result<Vec<String>> {
-    let Some(&k) = ctx.cfg.regions.k.first() else { bail!("regions.k is empty") };
+    let Some(&k) = ctx.cfg.regions.k.first() else {
+        bail!("regions.k is empty")
+    };
     let name = core_name(k);
     let r = region::load(&region_file(ctx, &name))?;
     let s = stats::region_stats(&r);
@@ -231,21 +290,34 @@ pub fn concentration(ctx: &Ctx) -> Result<Vec<String>> {
     let mut images = Vec::new();
     for n in stats::default_heatmap_tensors(&r, &s, 3) {
         let rel = format!("concentration/heatmaps/{}", heatmap_name(&n));
-        heatmap::write_grid(&ctx.path(&rel), &heatmap::tensor_grid(&r[&n]), 64, heatmap::Scale::Counts)?;
+        heatmap::write_grid(
+            &ctx.path(&rel),
+            &heatmap::tensor_grid(&r[&n]),
+            64,
+            heatmap::Scale::Counts,
+        )?;
         images.push(json!({"tensor": n, "path": rel}));
         outs.push(rel);
     }
     let mut overview = Value::Null;
     if !s.layers.is_empty() {
         let counts: Vec<Vec<u64>> = s.layers.iter().map(|l| l.hidden_counts.clone()).collect();
-        heatmap::write_grid(&ctx.path("concentration/overview.png"), &heatmap::overview_grid(&counts), 480, heatmap::Scale::Enrichment)?;
+        heatmap::write_grid(
+            &ctx.path("concentration/overview.png"),
+            &heatmap::overview_grid(&counts),
+            480,
+            heatmap::Scale::Enrichment,
+        )?;
         overview = json!("concentration/overview.png");
         outs.push("concentration/overview.png".into());
     }
     let mut csv = String::from("dim,count,share,layers_in_top10,norm_layers\n");
     if let Some(g) = &s.global {
         for d in &g.top_dims {
-            csv += &format!("{},{},{},{},{}\n", d.dim, d.count, d.share, d.layers_in_top10, d.norm_layers);
+            csv += &format!(
+                "{},{},{},{},{}\n",
+                d.dim, d.count, d.share, d.layers_in_top10, d.norm_layers
+            );
         }
     }
     atomic_write(&ctx.path("concentration/top_dims.csv"), csv.as_bytes())?;
