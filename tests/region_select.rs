@@ -415,3 +415,38 @@ fn masks_of_different_layouts_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn both_cut_methods_equal_full_sort() {
+    use broca::region::select::{apply, cut_using, CutMethod};
+    for seed in 0..20 {
+        for ties in [false, true] {
+            let scores = random_scores(900 + seed, ties);
+            let values: Vec<&[f32]> = scores.values().map(|d| d.data.as_slice()).collect();
+            let total: usize = values.iter().map(|v| v.len()).sum();
+            for count in [1, 2, total / 10, total / 2, total - 1, total] {
+                for dir in [Direction::Top, Direction::Bottom] {
+                    let want = brute_select(&values, count, dir);
+                    for method in [CutMethod::Candidates, CutMethod::Radix, CutMethod::Auto] {
+                        let c = cut_using(&values, count as u64, dir, method);
+                        let got: Vec<Vec<u8>> = values
+                            .iter()
+                            .zip(&c.ties)
+                            .map(|(v, &t)| apply(v, c.rank, t, dir))
+                            .collect();
+                        assert_eq!(
+                            got, want,
+                            "seed {seed} ties {ties} count {count} {dir:?} {method:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // a mass of equal values too big to gather still selects exactly, lower index first
+    let big = vec![2.0f32; 300_000];
+    let c = cut_using(&[&big], 1234, Direction::Top, CutMethod::Auto);
+    let m = apply(&big, c.rank, c.ties[0], Direction::Top);
+    assert_eq!(m.iter().map(|&b| b as usize).sum::<usize>(), 1234);
+    assert!(m[..1234].iter().all(|&b| b == 1));
+}

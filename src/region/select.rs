@@ -1,11 +1,13 @@
 //! Exact top-/bottom-k selection, per tensor or over all tensors at once.
 //!
-//! Each value maps to a 32-bit rank that orders like the value (smallest rank = most wanted),
-//! and the cut is found by a two-level radix select: a histogram of the rank's high 16 bits
-//! finds the bucket holding the k-th entry, a histogram of the low 16 bits inside that bucket
-//! finds its exact value. That is an O(n) nth-element with 1 MiB of histograms, no index array
-//! and no sort, so it streams over any number of tensors. Ties at the cut go to the lower flat
-//! index (tensor order first, then the row-major index inside a tensor), for top and for bottom.
+//! Each value maps to a 32-bit rank that orders like the value (smallest rank = most wanted).
+//! A histogram of the ranks' high 16 bits finds the bucket holding the k-th entry; that
+//! bucket's (rank, tensor, index) keys are gathered and `select_nth_unstable` finds the cut
+//! (nth-element, no sort). When the bucket is too big to gather (a mass of equal scores), a
+//! second histogram of the low 16 bits finds it instead. Either way it is O(n), streams over
+//! the tensors, and needs at most 1/16 of the scores' memory. Ties at the cut go to the lower
+//! flat index (tensor order first, then the row-major index inside a tensor), for top and
+//! for bottom.
 
 use super::{region_size, Bits, Region, Scores};
 use rayon::prelude::*;
@@ -99,8 +101,24 @@ fn find_bucket(h: &[u64], want: u64) -> (u32, u64) {
     unreachable!("find_bucket: want {want} exceeds the {below} counted entries")
 }
 
+/// How [`cut_using`] resolves the bucket that holds the cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutMethod {
+    /// Candidates when the bucket is small (under 1/64 of the entries), else radix.
+    Auto,
+    /// Gather the bucket's (rank, tensor, index) keys and take the nth element.
+    Candidates,
+    /// A second histogram of the low 16 bits, then count ties per tensor.
+    Radix,
+}
+
 /// Finds the cut that selects exactly `count` entries from `values` (tensors in order).
 pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
+    cut_using(values, count, dir, CutMethod::Auto)
+}
+
+/// [`cut`] with a chosen method for the last step (all methods give the same cut).
+pub fn cut_using(values: &[&[f32]], count: u64, dir: Direction, method: CutMethod) -> Cut {
     let total: u64 = values.iter().map(|v| v.len() as u64).sum();
     assert!(
         count <= total,
@@ -116,10 +134,11 @@ pub fn cut(values: &[&[f32]], count: u64, dir: Direction) -> Cut {
     let (b, below) = find_bucket(&hi, count);
     let need = count - below;
     // candidates take 16 bytes each: keep them under 1/16 of the scores' 4 bytes per entry
-    if hi[b as usize] <= (total / 64).max(1 << 16) {
-        cut_by_candidates(values, dir, b, need)
-    } else {
-        cut_by_radix(values, dir, b, need)
+    let small = hi[b as usize] <= (total / 64).max(1 << 16);
+    match method {
+        CutMethod::Candidates => cut_by_candidates(values, dir, b, need),
+        CutMethod::Auto if small => cut_by_candidates(values, dir, b, need),
+        _ => cut_by_radix(values, dir, b, need),
     }
 }
 

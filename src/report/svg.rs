@@ -21,7 +21,7 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 fn fmt_num(v: f64) -> String {
-    if v >= 1e5 || v < 1e-2 {
+    if !(1e-2..1e5).contains(&v) {
         format!("{v:.0e}")
     } else if v >= 100.0 {
         format!("{v:.0}")

@@ -164,38 +164,60 @@ pub fn update_slices<T: Float>(
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(ci, (((w, m), v), g))| {
-            let fr = frozen.map(|f| &f[ci * CHUNK..ci * CHUNK + w.len()]);
-            for i in 0..w.len() {
-                if fr.is_some_and(|f| f[i] != 0) {
-                    continue;
+        .for_each(|(ci, (((w, m), v), g))| match frozen {
+            None => {
+                for i in 0..w.len() {
+                    (w[i], m[i], v[i]) = adamw_elem(w[i], g[i], m[i], v[i], c);
                 }
-                let gi = g[i] * c.grad_scale;
-                let mi = c.beta1 * m[i] + c.one_minus_beta1 * gi;
-                let vi = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                let denom = vi.sqrt() / c.bc2_sqrt + c.eps;
-                w[i] = w[i] * c.decay - c.step_size * mi / denom;
+            }
+            Some(f) => {
+                let f = &f[ci * CHUNK..ci * CHUNK + w.len()];
+                // branch-free: compute every element, keep the old values where frozen
+                for i in 0..w.len() {
+                    let (wn, mn, vn) = adamw_elem(w[i], g[i], m[i], v[i], c);
+                    let keep = f[i] != 0;
+                    w[i] = if keep { w[i] } else { wn };
+                    m[i] = if keep { m[i] } else { mn };
+                    v[i] = if keep { v[i] } else { vn };
+                }
             }
         });
 }
 
+/// The AdamW update of one element: new (w, m, v).
+#[inline(always)]
+fn adamw_elem<T: Float>(w: T, g: T, m: T, v: T, c: &Coeffs<T>) -> (T, T, T) {
+    let g = g * c.grad_scale;
+    let m = c.beta1 * m + c.one_minus_beta1 * g;
+    let v = c.beta2 * v + c.one_minus_beta2 * g * g;
+    let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+    (w * c.decay - c.step_size * m / denom, m, v)
+}
+
 /// Σ g² over the unfrozen entries, in f64, summed in a fixed order (deterministic).
 pub fn sum_squares<T: Float>(g: &[T], frozen: Option<&[u8]>) -> f64 {
+    const LANES: usize = 8;
     let parts: Vec<f64> = g
         .par_chunks(CHUNK)
         .enumerate()
         .map(|(ci, g)| {
-            let fr = frozen.map(|f| &f[ci * CHUNK..ci * CHUNK + g.len()]);
-            let mut s = 0f64;
-            for (i, &x) in g.iter().enumerate() {
-                if fr.is_none_or(|f| f[i] == 0) {
-                    let x = x.f64();
-                    s += x * x;
+            let mut acc = [0f64; LANES];
+            match frozen {
+                None => {
+                    for (k, x) in g.iter().enumerate() {
+                        let x = x.f64();
+                        acc[k % LANES] += x * x;
+                    }
+                }
+                Some(f) => {
+                    let f = &f[ci * CHUNK..ci * CHUNK + g.len()];
+                    for (k, (x, &f)) in g.iter().zip(f).enumerate() {
+                        let x = if f == 0 { x.f64() } else { 0.0 };
+                        acc[k % LANES] += x * x;
+                    }
                 }
             }
-            s
+            acc.iter().sum::<f64>()
         })
         .collect();
     parts.iter().sum()

@@ -171,11 +171,14 @@ pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
 pub fn copy_model(base: &Model) -> Result<Model> {
     let w = base.named_tensors().into_iter().collect();
     let mut m = Model::from_weights(base.config.clone(), w)?;
-    m.tokenizer = base.tokenizer.as_ref().map(|t| crate::tokenizer::Tokenizer {
-        inner: t.inner.clone(),
-        bos: t.bos,
-        eos: t.eos,
-    });
+    m.tokenizer = base
+        .tokenizer
+        .as_ref()
+        .map(|t| crate::tokenizer::Tokenizer {
+            inner: t.inner.clone(),
+            bos: t.bos,
+            eos: t.eos,
+        });
     m.source = base.source.clone();
     Ok(m)
 }

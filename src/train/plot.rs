@@ -169,7 +169,10 @@ pub fn render(
     let black = [0, 0, 0];
     let grey = [200, 200, 200];
     cv.text(10, 8, title, black);
-    let cap = format!("x: {x_label}   y: {y_label}{}", if log_y { " (log scale)" } else { "" });
+    let cap = format!(
+        "x: {x_label}   y: {y_label}{}",
+        if log_y { " (log scale)" } else { "" }
+    );
     cv.text(10, 30, &cap, [90, 90, 90]);
     // legend
     let labels: Vec<String> = panels
