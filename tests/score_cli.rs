@@ -428,3 +428,18 @@ fn diff_of_smollm2_against_an_edited_copy() {
         }
     }
 }
+
+#[test]
+fn token_budget_is_a_prefix_of_the_whole_encoding() {
+    let model = Model::load(&smollm2()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    for file in [UDHR_AR, "tests/fixtures/udhr-zh.txt"] {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
+        let all = tok.encode(&text).unwrap();
+        for n in [2, 100, 1500, 3000, all.len() - 1, all.len(), all.len() + 10] {
+            let got = broca::score::windows::budget_tokens(tok, &text, Some(n)).unwrap();
+            assert_eq!(got, all[..n.min(all.len())], "{file}: budget {n}");
+        }
+    }
+}

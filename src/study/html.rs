@@ -187,7 +187,7 @@ fn summary(ctx: &Ctx, run: &Value) -> String {
             head.push(format!("strongest super-weight candidate: layer {} down_proj[{}, {}], zeroing it multiplies PPL by {}", s(&c["layer"]), s(&c["row"]), s(&c["col"]), num(f(&c["ratio_to_base"]))));
         }
     }
-    let mut body = table(&["", ""], &rows);
+    let mut body = table(&["run", ""], &rows);
     body += "<h3>Headline numbers</h3><ul>";
     for h in &head {
         body += &format!("<li>{}</li>", crate::report::svg::esc(h));
