@@ -65,8 +65,8 @@ pub struct RegionsConfig {
     pub mono_k: f64,
     /// Operations for the ablation table (`zero`, `randomize`, …).
     pub ops: Vec<String>,
-    /// Controls: `random`, `bottom`, `top` (for a core region made from importance, `top` is
-    /// the region itself, so the presets leave it out).
+    /// Controls: `random`, `bottom`, `top` (for a core region made from importance scores,
+    /// `top` selects the region itself: a check that the controls are built right).
     pub controls: Vec<String>,
 }
 
@@ -207,7 +207,7 @@ impl StudyConfig {
                 k: vec![0.01, 0.03],
                 mono_k: 0.01,
                 ops: vec!["zero".into()],
-                controls: vec!["random".into(), "bottom".into()],
+                controls: vec!["random".into(), "bottom".into(), "top".into()],
             },
             dims: DimsConfig {
                 layers: vec![0, 15],
