@@ -13,7 +13,9 @@ pub struct TextInput {
 
 /// The assets folder: `$BROCA_ASSETS`, default `./assets`.
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("BROCA_ASSETS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("assets"))
+    std::env::var_os("BROCA_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("assets"))
 }
 
 /// The default evaluation folder (the 30 UDHR languages written by `scripts/fetch-assets`).
@@ -33,14 +35,19 @@ pub fn split_values(values: &[String]) -> Vec<String> {
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
 }
 
 /// `--text FILE…`: the language is the file stem.
 pub fn from_files(values: &[String]) -> Vec<TextInput> {
     split_values(values)
         .into_iter()
-        .map(|v| TextInput { lang: stem(Path::new(&v)), path: PathBuf::from(v) })
+        .map(|v| TextInput {
+            lang: stem(Path::new(&v)),
+            path: PathBuf::from(v),
+        })
         .collect()
 }
 
@@ -49,18 +56,24 @@ pub fn from_pairs(values: &[String]) -> Result<Vec<TextInput>> {
     split_values(values)
         .into_iter()
         .map(|v| {
-            let (l, p) = v.split_once('=').with_context(|| format!("'{v}': expected NAME=FILE"))?;
+            let (l, p) = v
+                .split_once('=')
+                .with_context(|| format!("'{v}': expected NAME=FILE"))?;
             if l.is_empty() || p.is_empty() {
                 bail!("'{v}': expected NAME=FILE");
             }
-            Ok(TextInput { lang: l.to_string(), path: PathBuf::from(p) })
+            Ok(TextInput {
+                lang: l.to_string(),
+                path: PathBuf::from(p),
+            })
         })
         .collect()
 }
 
 /// Every `*.txt` in a folder, sorted by name; the language is the file stem.
 pub fn from_dir(dir: &Path) -> Result<Vec<TextInput>> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("{}: cannot read directory", dir.display()))?;
+    let rd = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read directory", dir.display()))?;
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
@@ -69,7 +82,13 @@ pub fn from_dir(dir: &Path) -> Result<Vec<TextInput>> {
     if files.is_empty() {
         bail!("{}: no *.txt files", dir.display());
     }
-    Ok(files.into_iter().map(|p| TextInput { lang: stem(&p), path: p }).collect())
+    Ok(files
+        .into_iter()
+        .map(|p| TextInput {
+            lang: stem(&p),
+            path: p,
+        })
+        .collect())
 }
 
 /// `--data`/`--eval` values: one DIR, or NAME=FILE pairs (a value containing `=` is a pair).
@@ -84,7 +103,10 @@ pub fn from_dir_or_pairs(values: &[String]) -> Result<Vec<TextInput>> {
             if p.is_dir() {
                 out.extend(from_dir(&p)?);
             } else if p.exists() {
-                out.push(TextInput { lang: stem(&p), path: p });
+                out.push(TextInput {
+                    lang: stem(&p),
+                    path: p,
+                });
             } else {
                 bail!("{v}: no such file or directory");
             }
@@ -94,7 +116,12 @@ pub fn from_dir_or_pairs(values: &[String]) -> Result<Vec<TextInput>> {
 }
 
 /// Gathers the inputs of `--text`, `--lang` and `--data`; with none, `default` (if given).
-pub fn gather(text: &[String], lang: &[String], data: &[String], default: Option<&Path>) -> Result<Vec<TextInput>> {
+pub fn gather(
+    text: &[String],
+    lang: &[String],
+    data: &[String],
+    default: Option<&Path>,
+) -> Result<Vec<TextInput>> {
     let mut out = from_files(text);
     out.extend(from_pairs(lang)?);
     out.extend(from_dir_or_pairs(data)?);
@@ -102,7 +129,10 @@ pub fn gather(text: &[String], lang: &[String], data: &[String], default: Option
         match default {
             Some(d) => {
                 if !d.is_dir() {
-                    bail!("{}: default evaluation folder missing (run scripts/fetch-assets)", d.display());
+                    bail!(
+                        "{}: default evaluation folder missing (run scripts/fetch-assets)",
+                        d.display()
+                    );
                 }
                 out = from_dir(d)?;
             }
@@ -125,7 +155,11 @@ pub fn read_text(path: &Path) -> Result<String> {
     }
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not valid UTF-8 (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to())
+        anyhow::anyhow!(
+            "{}: not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
     })?;
     if text.trim().is_empty() {
         bail!("{}: empty text", path.display());

@@ -34,10 +34,18 @@ pub fn eval_windows(n: usize, seq_len: usize, stride: usize) -> Result<Vec<Windo
         return Ok(out);
     }
     let mut end = seq_len.min(n);
-    out.push(Window { start: 0, end, first_target: 1 });
+    out.push(Window {
+        start: 0,
+        end,
+        first_target: 1,
+    });
     while end < n {
         let new_end = (end + s).min(n);
-        out.push(Window { start: new_end.saturating_sub(seq_len), end: new_end, first_target: end });
+        out.push(Window {
+            start: new_end.saturating_sub(seq_len),
+            end: new_end,
+            first_target: end,
+        });
         end = new_end;
     }
     Ok(out)
@@ -58,7 +66,13 @@ pub struct PplResult {
 }
 
 /// Sum of NLL over every scored token of `ids`, plus the count of scored tokens.
-pub fn nll_sum(model: &Model, ids: &[u32], seq_len: usize, stride: usize, mut on_window: impl FnMut(usize)) -> Result<(f64, Vec<usize>)> {
+pub fn nll_sum(
+    model: &Model,
+    ids: &[u32],
+    seq_len: usize,
+    stride: usize,
+    mut on_window: impl FnMut(usize),
+) -> Result<(f64, Vec<usize>)> {
     let mut total = 0f64;
     let mut scored = Vec::new();
     for w in eval_windows(ids.len(), seq_len, stride)? {
@@ -79,9 +93,19 @@ pub fn nll_sum(model: &Model, ids: &[u32], seq_len: usize, stride: usize, mut on
 }
 
 /// Perplexity of `ids` in windows of `seq_len` advancing by `stride`.
-pub fn perplexity(model: &Model, lang: &str, ids: &[u32], seq_len: usize, stride: usize, on_window: impl FnMut(usize)) -> Result<PplResult> {
+pub fn perplexity(
+    model: &Model,
+    lang: &str,
+    ids: &[u32],
+    seq_len: usize,
+    stride: usize,
+    on_window: impl FnMut(usize),
+) -> Result<PplResult> {
     if ids.len() < 2 {
-        bail!("{lang}: text has {} token(s); at least 2 are needed", ids.len());
+        bail!(
+            "{lang}: text has {} token(s); at least 2 are needed",
+            ids.len()
+        );
     }
     let (total, scored) = nll_sum(model, ids, seq_len, stride, on_window)?;
     let tok = model.tokenizer()?;

@@ -15,7 +15,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -51,11 +55,24 @@ fn pick(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     if s.temperature <= 0.0 {
         return argmax();
     }
-    let max = logits.iter().cloned().filter(|v| v.is_finite()).fold(f32::MIN, f32::max) as f64;
+    let max = logits
+        .iter()
+        .cloned()
+        .filter(|v| v.is_finite())
+        .fold(f32::MIN, f32::max) as f64;
     let mut p: Vec<(usize, f64)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &v)| (i, if v.is_finite() { ((v as f64 - max) / s.temperature).exp() } else { 0.0 }))
+        .map(|(i, &v)| {
+            (
+                i,
+                if v.is_finite() {
+                    ((v as f64 - max) / s.temperature).exp()
+                } else {
+                    0.0
+                },
+            )
+        })
         .collect();
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = p.iter().map(|x| x.1).sum();

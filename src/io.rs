@@ -10,7 +10,9 @@ use std::path::Path;
 pub fn candle_msg(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_msg(inner))
+        }
         e => e.to_string().replace('\n', " "),
     }
 }
@@ -23,7 +25,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
                 .with_context(|| format!("{}: cannot create directory", parent.display()))?;
         }
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -47,14 +52,20 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }
 
 /// Reads a safetensors file: every tensor (as stored) and the string metadata.
-pub fn read_safetensors(path: &Path) -> Result<(std::collections::HashMap<String, candle_core::Tensor>, std::collections::HashMap<String, String>)> {
+pub fn read_safetensors(
+    path: &Path,
+) -> Result<(
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, String>,
+)> {
     let bytes = std::fs::read(path).with_context(|| {
         if path.exists() {
             format!("{}: cannot read", path.display())
@@ -66,6 +77,12 @@ pub fn read_safetensors(path: &Path) -> Result<(std::collections::HashMap<String
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {}", path.display(), candle_msg(&e)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file: {}",
+                path.display(),
+                candle_msg(&e)
+            )
+        })?;
     Ok((tensors, metadata))
 }

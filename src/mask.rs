@@ -14,7 +14,9 @@ pub type Mask = BTreeMap<String, Tensor>;
 
 /// Which parameters a region may cover. `Layers` (the paper's default) is every tensor under
 /// `model.layers.*`; `All` adds embeddings, the final norm and lm_head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Coverage {
     Layers,
@@ -79,7 +81,11 @@ pub fn load(path: &Path) -> Result<Mask> {
     let mut out = Mask::new();
     for (n, t) in tensors {
         if t.dtype() != DType::U8 {
-            bail!("{}: tensor {n} is {:?}, a mask must be U8", path.display(), t.dtype());
+            bail!(
+                "{}: tensor {n} is {:?}, a mask must be U8",
+                path.display(),
+                t.dtype()
+            );
         }
         out.insert(n, t);
     }
@@ -100,7 +106,9 @@ pub fn load_for(path: &Path, model: &Model) -> Result<Mask> {
 pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
     for (n, t) in mask {
         let Some(v) = model.param(n) else {
-            bail!("mask tensor {n} is not a parameter of this model (a mask made for another model?)");
+            bail!(
+                "mask tensor {n} is not a parameter of this model (a mask made for another model?)"
+            );
         };
         if v.dims() != t.dims() {
             bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.dims(), v.dims());
@@ -112,16 +120,25 @@ pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
 /// Errors unless every mask tensor names one of `shapes` (a model's parameters, as
 /// [`crate::model::Config::param_shapes`] gives them) with the same shape.
 pub fn check_against_shapes(mask: &Mask, shapes: &[(String, Vec<usize>)]) -> Result<()> {
-    let layout: Vec<(String, Vec<usize>)> = mask.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    let layout: Vec<(String, Vec<usize>)> = mask
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
     check_layout(&layout, shapes)
 }
 
 /// [`check_against_shapes`] on a mask's (name, shape) list.
-pub fn check_layout(layout: &[(String, Vec<usize>)], shapes: &[(String, Vec<usize>)]) -> Result<()> {
-    let model: std::collections::HashMap<&str, &Vec<usize>> = shapes.iter().map(|(n, s)| (n.as_str(), s)).collect();
+pub fn check_layout(
+    layout: &[(String, Vec<usize>)],
+    shapes: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let model: std::collections::HashMap<&str, &Vec<usize>> =
+        shapes.iter().map(|(n, s)| (n.as_str(), s)).collect();
     for (n, dims) in layout {
         let Some(s) = model.get(n.as_str()) else {
-            bail!("mask tensor {n} is not a parameter of this model (a mask made for another model?)");
+            bail!(
+                "mask tensor {n} is not a parameter of this model (a mask made for another model?)"
+            );
         };
         if *s != dims {
             bail!("mask tensor {n} has shape {dims:?} but the model's parameter has {s:?} (a mask made for another model?)");

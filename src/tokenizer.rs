@@ -27,17 +27,29 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     /// Builds the tokenizer that a GGUF file describes.
-    pub fn from_gguf(meta: &std::collections::HashMap<String, Value>, path: &Path) -> Result<Tokenizer> {
+    pub fn from_gguf(
+        meta: &std::collections::HashMap<String, Value>,
+        path: &Path,
+    ) -> Result<Tokenizer> {
         let p = path.display();
-        let model = meta.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned();
+        let model = meta
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         if model.as_deref() != Some("gpt2") {
-            bail!("{p}: unsupported GGUF tokenizer model {model:?} (supported: gpt2 byte-level BPE)");
+            bail!(
+                "{p}: unsupported GGUF tokenizer model {model:?} (supported: gpt2 byte-level BPE)"
+            );
         }
         let strings = |key: &str| -> Result<Vec<String>> {
             match meta.get(key) {
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|v| v.to_string().cloned().map_err(|e| anyhow::anyhow!("{p}: {key}: {e}")))
+                    .map(|v| {
+                        v.to_string()
+                            .cloned()
+                            .map_err(|e| anyhow::anyhow!("{p}: {key}: {e}"))
+                    })
                     .collect(),
                 _ => bail!("{p}: missing GGUF metadata {key}"),
             }
@@ -45,24 +57,39 @@ impl Tokenizer {
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let types: Vec<i32> = match meta.get("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| anyhow::anyhow!("{p}: cannot build BPE: {e}"))?;
-        let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let pre = meta
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         let mut tk = tokenizers::Tokenizer::new(bpe);
         let pre_tok: PreTokenizerWrapper = match pre.as_str() {
             "qwen2" => Sequence::new(vec![
-                Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .into(),
+                Split::new(
+                    SplitPattern::Regex(QWEN2_PATTERN.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into(),
                 ByteLevel::new(false, false, false).into(),
             ])
             .into(),
@@ -84,9 +111,20 @@ impl Tokenizer {
             .collect();
         tk.add_special_tokens(&specials);
         let id = |k: &str| meta.get(k).and_then(|v| v.to_u32().ok());
-        let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        let bos = if add_bos { id("tokenizer.ggml.bos_token_id") } else { None };
-        Ok(Tokenizer { inner: tk, bos, eos: id("tokenizer.ggml.eos_token_id") })
+        let add_bos = meta
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let bos = if add_bos {
+            id("tokenizer.ggml.bos_token_id")
+        } else {
+            None
+        };
+        Ok(Tokenizer {
+            inner: tk,
+            bos,
+            eos: id("tokenizer.ggml.eos_token_id"),
+        })
     }
 
     /// Reads `tokenizer.json` (its post-processor decides BOS; we detect it) from a directory.
@@ -100,12 +138,19 @@ impl Tokenizer {
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", cfg.display()))?;
             if v["add_bos_token"].as_bool() == Some(true) {
-                if let Some(tok) = v["bos_token"].as_str().or(v["bos_token"]["content"].as_str()) {
+                if let Some(tok) = v["bos_token"]
+                    .as_str()
+                    .or(v["bos_token"]["content"].as_str())
+                {
                     bos = inner.token_to_id(tok);
                 }
             }
         }
-        Ok(Tokenizer { inner, bos, eos: None })
+        Ok(Tokenizer {
+            inner,
+            bos,
+            eos: None,
+        })
     }
 
     /// Encodes a whole text: BOS (if the model adds one) followed by the text's tokens.
@@ -134,7 +179,9 @@ impl Tokenizer {
 
     /// Decodes ids back to text (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     /// The UTF-8 byte length of each token's byte string (for bits per byte).
@@ -151,7 +198,10 @@ impl Tokenizer {
 
     /// Writes the tokenizer as `tokenizer.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let s = self.inner.to_string(true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let s = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         crate::io::atomic_write(path, s.as_bytes())
     }
 }
@@ -162,7 +212,11 @@ impl Tokenizer {
 fn byte_level_len(c: char) -> usize {
     let u = c as u32;
     // The byte-level alphabet maps the 256 bytes to chars in [0x21, 0x143].
-    if (0x21..=0x7e).contains(&u) || (0xa1..=0xac).contains(&u) || (0xae..=0xff).contains(&u) || (0x100..=0x143).contains(&u) {
+    if (0x21..=0x7e).contains(&u)
+        || (0xa1..=0xac).contains(&u)
+        || (0xae..=0xff).contains(&u)
+        || (0x100..=0x143).contains(&u)
+    {
         1
     } else {
         c.len_utf8()

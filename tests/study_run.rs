@@ -65,7 +65,8 @@ fn tiny() -> StudyConfig {
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("broca-study-{name}-{}", std::process::id()));
+    // under target/ (cargo's per-package scratch folder), cleared at the start of each run
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("broca-study-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     d
 }

@@ -8,10 +8,10 @@ mod forget;
 mod generate;
 mod perturb;
 mod ppl;
+pub mod progress;
+pub mod region;
 mod reproduce;
 mod score;
-pub mod region;
-pub mod progress;
 mod superweights;
 pub mod train;
 

@@ -45,7 +45,11 @@ struct PplOutput {
 }
 
 /// Tokenizes each input, applying `max_tokens`.
-pub fn load_texts(model: &Model, inputs: &[data::TextInput], max_tokens: Option<usize>) -> Result<Vec<(String, Vec<u32>)>> {
+pub fn load_texts(
+    model: &Model,
+    inputs: &[data::TextInput],
+    max_tokens: Option<usize>,
+) -> Result<Vec<(String, Vec<u32>)>> {
     let tok = model.tokenizer()?;
     inputs
         .iter()
@@ -76,20 +80,47 @@ pub fn run(a: PplArgs) -> Result<()> {
     let mut results = Vec::new();
     for (lang, ids) in &texts {
         pb.set_message(format!("ppl {lang}"));
-        results.push(eval::perplexity(&model, lang, ids, a.seq_len, stride, |n| pb.inc(n as u64))?);
+        results.push(eval::perplexity(
+            &model,
+            lang,
+            ids,
+            a.seq_len,
+            stride,
+            |n| pb.inc(n as u64),
+        )?);
     }
     pb.finish_and_clear();
-    let out = PplOutput { model: a.model.display().to_string(), seq_len: a.seq_len, results };
+    let out = PplOutput {
+        model: a.model.display().to_string(),
+        seq_len: a.seq_len,
+        results,
+    };
     if a.json {
         return super::print_json(&out);
     }
-    println!("model: {}  seq_len: {}  (token-weighted mean NLL)", out.model, out.seq_len);
-    println!("{:<10} {:>8} {:>9} {:>11} {:>8}", "lang", "tokens", "nll", "ppl", "bpb");
+    println!(
+        "model: {}  seq_len: {}  (token-weighted mean NLL)",
+        out.model, out.seq_len
+    );
+    println!(
+        "{:<10} {:>8} {:>9} {:>11} {:>8}",
+        "lang", "tokens", "nll", "ppl", "bpb"
+    );
     for r in &out.results {
-        println!("{:<10} {:>8} {:>9.4} {:>11.3} {:>8.4}", r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte);
+        println!(
+            "{:<10} {:>8} {:>9.4} {:>11.3} {:>8.4}",
+            r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte
+        );
     }
     let ppls: Vec<f64> = out.results.iter().map(|r| r.ppl).collect();
     let bpbs: Vec<f64> = out.results.iter().map(|r| r.bits_per_byte).collect();
-    println!("{:<10} {:>8} {:>9} {:>11.3} {:>8.4}", "geomean", "", "", eval::geomean(&ppls), eval::geomean(&bpbs));
+    println!(
+        "{:<10} {:>8} {:>9} {:>11.3} {:>8.4}",
+        "geomean",
+        "",
+        "",
+        eval::geomean(&ppls),
+        eval::geomean(&bpbs)
+    );
     Ok(())
 }

@@ -20,17 +20,24 @@ pub struct Report {
 impl Report {
     /// An empty report.
     pub fn new(title: &str) -> Report {
-        Report { title: title.to_string(), sections: Vec::new() }
+        Report {
+            title: title.to_string(),
+            sections: Vec::new(),
+        }
     }
 
     /// Appends a section.
     pub fn section(&mut self, title: &str, body: String) {
-        self.sections.push(Section { title: title.to_string(), body });
+        self.sections.push(Section {
+            title: title.to_string(),
+            body,
+        });
     }
 
     /// The whole document.
     pub fn render(&self) -> String {
-        let mut s = String::from("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+        let mut s =
+            String::from("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
         s += &format!("<title>{}</title>\n", esc(&self.title));
         s += "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}\
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}\
@@ -43,7 +50,11 @@ nav a{margin-right:1em}</style>\n</head>\n<body>\n";
         }
         s += "</nav>\n";
         for (i, sec) in self.sections.iter().enumerate() {
-            s += &format!("<section id=\"s{i}\">\n<h2>{}</h2>\n{}\n</section>\n", esc(&sec.title), sec.body);
+            s += &format!(
+                "<section id=\"s{i}\">\n<h2>{}</h2>\n{}\n</section>\n",
+                esc(&sec.title),
+                sec.body
+            );
         }
         s += "</body>\n</html>\n";
         s
@@ -75,12 +86,22 @@ pub fn para(text: &str) -> String {
 
 /// A figure wrapping inline markup (e.g. SVG) with a caption.
 pub fn figure(markup: &str, caption: &str) -> String {
-    format!("<figure>{markup}<figcaption>{}</figcaption></figure>", esc(caption))
+    format!(
+        "<figure>{markup}<figcaption>{}</figcaption></figure>",
+        esc(caption)
+    )
 }
 
 /// An inline PNG image (base64 data URI) with a caption.
 pub fn png_figure(png: &[u8], caption: &str) -> String {
-    figure(&format!("<img alt=\"{}\" src=\"data:image/png;base64,{}\">", esc(caption), base64(png)), caption)
+    figure(
+        &format!(
+            "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
+            esc(caption),
+            base64(png)
+        ),
+        caption,
+    )
 }
 
 /// Standard base64 with padding.
@@ -88,7 +109,11 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -107,7 +132,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        let cases = [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")];
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
         for (i, o) in cases {
             assert_eq!(base64(i.as_bytes()), o);
         }
