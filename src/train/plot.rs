@@ -273,13 +273,6 @@ pub fn render(
             }
         }
     }
-    // axis captions once, bottom-left and top-right of the figure
-    let cap = format!(
-        "x: {x_label}   y: {y_label}{}",
-        if log_y { " (log scale)" } else { "" }
-    );
-    let w = cv.w as i64;
-    cv.text(w - text_width(&cap) - 10, 8, &cap, [90, 90, 90]);
     cv.save(path)
 }
 
