@@ -78,6 +78,27 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The text-input flags shared by commands that read texts (`--text`, `--lang`, `--data`).
+#[derive(clap::Args, Debug)]
+pub struct TextArgs {
+    /// Text files (language = file stem).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub text: Vec<String>,
+    /// NAME=FILE pairs.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub lang: Vec<String>,
+    /// A folder of *.txt (language = stem) or NAME=FILE pairs (`ppl` defaults to the UDHR folder).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub data: Vec<String>,
+}
+
+impl TextArgs {
+    /// The named texts these flags give; `default` is used when none is given.
+    pub fn gather(&self, default: Option<&std::path::Path>) -> Result<Vec<crate::data::TextInput>> {
+        crate::data::gather(&self.text, &self.lang, &self.data, default)
+    }
+}
+
 /// Prints one JSON object on stdout.
 pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

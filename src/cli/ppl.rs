@@ -14,15 +14,8 @@ pub struct PplArgs {
     /// Model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value_os_t = super::default_model())]
     pub model: PathBuf,
-    /// Text files (language = file stem).
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub text: Vec<String>,
-    /// NAME=FILE pairs.
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub lang: Vec<String>,
-    /// A folder of *.txt (language = stem) or NAME=FILE pairs. Default: the UDHR folder.
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub data: Vec<String>,
+    #[command(flatten)]
+    pub inputs: super::TextArgs,
     /// Keep only the first N tokens of each text (BOS counted).
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -68,7 +61,7 @@ pub fn load_texts(
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
-    let inputs = data::gather(&a.text, &a.lang, &a.data, Some(&data::default_eval_dir()))?;
+    let inputs = a.inputs.gather(Some(&data::default_eval_dir()))?;
     for t in &inputs {
         data::read_text(&t.path)?;
     }

@@ -33,15 +33,8 @@ pub struct RunArgs {
     /// Model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value_os_t = super::default_model())]
     pub model: PathBuf,
-    /// Text files (language = file stem).
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub text: Vec<String>,
-    /// NAME=FILE pairs.
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub lang: Vec<String>,
-    /// A folder of *.txt (language = stem) or NAME=FILE pairs.
-    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
-    pub data: Vec<String>,
+    #[command(flatten)]
+    pub inputs: super::TextArgs,
     /// Token budget per language: use the first N tokens of each text (default: all).
     #[arg(long)]
     pub tokens: Option<usize>,
@@ -145,7 +138,7 @@ fn score(a: RunArgs) -> Result<()> {
     if a.tokens.is_some_and(|n| n < 2) {
         bail!("--tokens must be at least 2");
     }
-    let inputs = data::gather(&a.text, &a.lang, &a.data, None)?;
+    let inputs = a.inputs.gather(None)?;
     let mut texts = Vec::new();
     for t in &inputs {
         run::check_lang(&t.lang)?;
