@@ -128,8 +128,20 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs the benchmark on `model` with windows of `seq_len` tokens, `reps` timed runs each.
+/// One timed call: (wall seconds, CPU seconds / threads).
+fn time_once(mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    let threads = rayon::current_num_threads() as f64;
+    let (t, c) = (Instant::now(), cpu_seconds());
+    f()?;
+    Ok((t.elapsed().as_secs_f64(), (cpu_seconds() - c) / threads))
+}
+
+/// Runs the benchmark on `model` with windows of `seq_len` tokens, `reps` timed rounds.
 /// With `backward` false the forward+backward figures are 0.
+///
+/// Each round times the 2048³ matmul (best of three), a forward and a forward+backward back
+/// to back, so that every round's ratios compare work done under the same machine load; the
+/// reported rates and ratios are medians over rounds, after one warm-up round.
 pub fn run(
     model: &Model,
     name: &str,
@@ -139,38 +151,67 @@ pub fn run(
 ) -> Result<BenchResult> {
     let n = 2048usize;
     let (a, b, mut c) = square_operands(n);
-    let (mm_wall, mm_cpu) = measure(5, || {
-        square_gemm(n, &a, &b, &mut c);
-        Ok(())
-    })?;
-    drop((a, b, c));
     let flop = 2.0 * (n * n * n) as f64 / 1e9;
-    let (gflops, cpu_gflops) = (flop / mm_wall, flop / mm_cpu);
     let ids: Vec<u32> = (0..seq_len)
         .map(|i| ((i * 7919 + 13) % model.config.vocab_size) as u32)
         .collect();
     let x = Model::ids_tensor(&ids)?;
-    let (fw, fc) = measure(reps, || {
+    let forward = || -> Result<()> {
         let nll = model.token_nll(&x, false)?;
         nll.sum_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
         Ok(())
-    })?;
-    let (bw, bc) = if backward {
-        measure(reps, || {
-            let loss = model.mean_nll(&x)?;
-            drop(loss.backward()?);
-            Ok(())
-        })?
-    } else {
-        (f64::INFINITY, f64::INFINITY)
     };
-    let params = model.num_params();
-    let ceiling = gflops * 1e9 / (2.0 * params as f64);
-    let cpu_ceiling = cpu_gflops * 1e9 / (2.0 * params as f64);
+    let fwd_bwd = || -> Result<()> {
+        let loss = model.mean_nll(&x)?;
+        drop(loss.backward()?);
+        Ok(())
+    };
+    // per round: (matmul wall, matmul cpu, fwd wall, fwd cpu, fwd+bwd wall, fwd+bwd cpu)
+    let mut rounds: Vec<[f64; 6]> = Vec::new();
+    for i in 0..reps.max(1) + 1 {
+        let mut mm = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            let (w, c_) = time_once(|| {
+                square_gemm(n, &a, &b, &mut c);
+                Ok(())
+            })?;
+            mm = (mm.0.min(w), mm.1.min(c_));
+        }
+        let f = time_once(forward)?;
+        let fb = if backward {
+            time_once(fwd_bwd)?
+        } else {
+            (f64::INFINITY, f64::INFINITY)
+        };
+        if i > 0 {
+            rounds.push([mm.0, mm.1, f.0, f.1, fb.0, fb.1]);
+        }
+    }
+    drop((a, b, c));
     let t = seq_len as f64;
-    let (f, b, cf, cb) = (t / fw, t / bw, t / fc, t / bc);
+    let params = model.num_params() as f64;
+    let med = |g: &dyn Fn(&[f64; 6]) -> f64| -> f64 {
+        let mut v: Vec<f64> = rounds.iter().map(g).collect();
+        median(&mut v)
+    };
+    // ceiling of a round in tokens/s from its matmul time
+    let ceil = |mm_s: f64| flop / mm_s * 1e9 / (2.0 * params);
+    let fractions = (
+        med(&|r| t / r[2] / ceil(r[0])),
+        med(&|r| t / r[4] / (ceil(r[0]) / 3.0)),
+        med(&|r| t / r[3] / ceil(r[1])),
+        med(&|r| t / r[5] / (ceil(r[1]) / 3.0)),
+    );
+    let (gflops, cpu_gflops) = (med(&|r| flop / r[0]), med(&|r| flop / r[1]));
+    let (f, b, cf, cb) = (
+        med(&|r| t / r[2]),
+        med(&|r| t / r[4]),
+        med(&|r| t / r[3]),
+        med(&|r| t / r[5]),
+    );
+    let ceiling = gflops * 1e9 / (2.0 * params);
     Ok(BenchResult {
         matmul_gflops: gflops,
         forward_tok_s: f,
@@ -179,14 +220,14 @@ pub fn run(
         threads: rayon::current_num_threads(),
         seq_len,
         model: name.to_string(),
-        params,
+        params: params as usize,
         forward_ceiling_tok_s: ceiling,
-        forward_fraction_of_ceiling: f / ceiling,
-        fwd_bwd_fraction_of_ceiling: b / (ceiling / 3.0),
+        forward_fraction_of_ceiling: fractions.0,
+        fwd_bwd_fraction_of_ceiling: fractions.1,
         cpu_matmul_gflops: cpu_gflops,
         cpu_forward_tok_s: cf,
         cpu_fwd_bwd_tok_s: cb,
-        cpu_forward_fraction_of_ceiling: cf / cpu_ceiling,
-        cpu_fwd_bwd_fraction_of_ceiling: cb / (cpu_ceiling / 3.0),
+        cpu_forward_fraction_of_ceiling: fractions.2,
+        cpu_fwd_bwd_fraction_of_ceiling: fractions.3,
     })
 }

@@ -81,10 +81,7 @@ fn kernel<T: Real>(
             for r in 0..rows {
                 let row = &mut s[r * keys..(r + 1) * keys];
                 let n = i0 + r + 1;
-                let mut m = T::NEG_INF;
-                for &x in &row[..n] {
-                    m = m.max(x);
-                }
+                let m = super::max_of(&row[..n]);
                 for x in row[..n].iter_mut() {
                     *x = ((*x - m) * scale).fast_exp();
                 }

@@ -126,7 +126,28 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of `n + ROUND` (its low mantissa bits hold n as an integer): no
+    // float-to-int conversion, so the whole function vectorises.
+    let n_bits = (n + ROUND).to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// Largest element of `v` (−∞ for an empty slice; NaN is ignored unless all are NaN), in
+/// 16 independent lanes so that the loop vectorises.
+#[inline]
+pub(crate) fn max_of<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::NEG_INF; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for k in 0..16 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let mut m = T::NEG_INF;
+    for &x in acc.iter().chain(it.remainder()) {
+        m = m.max(x);
+    }
+    m
 }
 
 /// Sum in f64 with four independent accumulators.
@@ -343,5 +364,22 @@ mod exp_tests {
         assert!(worst < 4.0 * f32::EPSILON as f64, "relative error {worst}");
         assert_eq!(super::exp_f32(0.0), 1.0);
         assert!(super::exp_f32(f32::NEG_INFINITY) < 1e-37);
+        // every integer exponent the bit trick builds inside the clamp (2^-125 .. 2^127)
+        for n in -125..=127 {
+            let x = n as f32 * std::f32::consts::LN_2;
+            let r = (x as f64).exp();
+            assert!((super::exp_f32(x) as f64 - r).abs() / r < 4.0 * f32::EPSILON as f64);
+        }
+    }
+
+    #[test]
+    fn max_of_matches_a_plain_loop() {
+        assert_eq!(super::max_of::<f32>(&[]), f32::NEG_INFINITY);
+        for len in [1, 15, 16, 17, 100] {
+            let v: Vec<f32> = (0..len).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+            let want = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(super::max_of(&v), want, "len {len}");
+        }
+        assert_eq!(super::max_of(&[1.0f64, f64::NAN, 3.0]), 3.0);
     }
 }

@@ -19,10 +19,7 @@ struct TokenNll;
 
 /// (max, log Σ exp(x - max)) of a row.
 fn lse<T: Real>(row: &[T]) -> (T, T) {
-    let mut m = T::NEG_INF;
-    for &v in row {
-        m = m.max(v);
-    }
+    let m = super::max_of(row);
     // exp in blocks (vectorised), summed in f64
     let mut buf = [T::ZERO; 256];
     let mut s = 0f64;

@@ -32,10 +32,7 @@ fn fwd<T: Real>(s: &[T], t: usize, scale: f64) -> Vec<T> {
             for (k, (pr, sr)) in pc.chunks_mut(t).zip(sc_.chunks(t)).enumerate() {
                 let i = (ci * per + k) % t;
                 let sr = &sr[..=i];
-                let mut m = T::NEG_INF;
-                for &v in sr {
-                    m = m.max(v);
-                }
+                let m = super::max_of(sr);
                 for (o, &v) in pr.iter_mut().zip(sr) {
                     *o = ((v - m) * sc).fast_exp();
                 }
