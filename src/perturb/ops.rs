@@ -91,13 +91,7 @@ pub fn parse_ops(values: &[String]) -> Result<Vec<Op>> {
 /// The random stream for one tensor: depends only on the seed and the tensor's name, so a
 /// tensor's draws do not depend on which other tensors are perturbed.
 pub fn tensor_rng(seed: u64, name: &str) -> StdRng {
-    // FNV-1a: stable across runs and platforms
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    StdRng::seed_from_u64(seed ^ h)
+    StdRng::seed_from_u64(seed ^ crate::region::random::name_hash(name))
 }
 
 /// Mean and (population) standard deviation.

@@ -1,9 +1,13 @@
 //! Control regions of the same per-tensor size as a region: random entries, or the least /
-//! most important entries by summed |score| (per tensor; ties go to the lower index).
+//! most important entries by summed |score| (per tensor; ties go to the lower index). The
+//! selection itself is [`crate::region::select`]'s and the random draw
+//! [`crate::region::random`]'s.
 
 use crate::io::read_safetensors;
 use crate::mask::Mask;
-use crate::perturb::ops::{mask_indices, tensor_rng};
+use crate::perturb::ops::mask_indices;
+use crate::region::random::{name_hash, random_bits};
+use crate::region::select::{apply, cut, Direction};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
@@ -37,31 +41,6 @@ impl Control {
         };
         format!("{k}({name})")
     }
-}
-
-/// Flat indices of the `k` largest (`largest`) or smallest scores; ties: lower index first.
-/// Returned sorted ascending.
-pub fn top_k_indices(scores: &[f32], k: usize, largest: bool) -> Vec<usize> {
-    let k = k.min(scores.len());
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let cmp = |a: &usize, b: &usize| {
-        let o = scores[*a].total_cmp(&scores[*b]);
-        let o = if largest { o.reverse() } else { o };
-        o.then(a.cmp(b))
-    };
-    if k > 0 && k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, cmp);
-    }
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
-}
-
-/// `k` distinct flat indices out of `n`, uniformly, sorted ascending.
-pub fn random_k_indices(n: usize, k: usize, rng: &mut impl rand::Rng) -> Vec<usize> {
-    let mut v = rand::seq::index::sample(rng, n, k.min(n)).into_vec();
-    v.sort_unstable();
-    v
 }
 
 /// Σ over score files of |score|, for the tensors named in `names` (f32, flattened).
@@ -99,15 +78,6 @@ pub fn summed_abs_scores(
     Ok(sum)
 }
 
-/// A U8 mask tensor of `shape` with ones at `idx`.
-fn mask_tensor(shape: &[usize], idx: &[usize]) -> Result<Tensor> {
-    let mut m = vec![0u8; shape.iter().product()];
-    for &i in idx {
-        m[i] = 1;
-    }
-    Ok(Tensor::from_vec(m, shape, &Device::Cpu)?)
-}
-
 /// The control of `region` with the same count per tensor. `scores` (from
 /// [`summed_abs_scores`]) is needed for bottom/top; random is seeded per tensor.
 pub fn control(
@@ -120,17 +90,31 @@ pub fn control(
     for (name, m) in region {
         let k = mask_indices(m)?.len();
         let n = m.elem_count();
-        let idx = match kind {
-            Control::Random => random_k_indices(n, k, &mut tensor_rng(seed ^ 0x5eed_c0de, name)),
+        let bits = match kind {
+            Control::Random => random_bits(m.dims(), k, seed ^ 0x5eed_c0de ^ name_hash(name)).data,
             Control::Bottom | Control::Top => {
                 let s = scores.context("bottom/top controls need --scores")?;
                 let s = s
                     .get(name)
                     .with_context(|| format!("no scores for {name}"))?;
-                top_k_indices(s, k, kind == Control::Top)
+                if s.len() != n {
+                    bail!(
+                        "scores for {name} have {} entries, the region has {n}",
+                        s.len()
+                    );
+                }
+                let dir = match kind {
+                    Control::Top => Direction::Top,
+                    _ => Direction::Bottom,
+                };
+                let c = cut(&[s], k as u64, dir);
+                apply(s, c.rank, c.ties[0], dir)
             }
         };
-        out.insert(name.clone(), mask_tensor(m.dims(), &idx)?);
+        out.insert(
+            name.clone(),
+            Tensor::from_vec(bits, m.dims(), &Device::Cpu)?,
+        );
     }
     Ok(out)
 }

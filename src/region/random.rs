@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 /// A stable 64-bit hash of a tensor name (FNV-1a), so each tensor's draw depends only on
 /// the seed and its name, not on order or threads.
-fn name_hash(name: &str) -> u64 {
+pub fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
