@@ -122,23 +122,6 @@ pub fn tokenize(
         .collect()
 }
 
-/// A random region with the same number of selected entries in each tensor as `mask`
-/// (entries drawn uniformly without replacement, seeded).
-pub fn random_like(mask: &Mask, seed: u64) -> Result<Mask> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Mask::new();
-    for (name, t) in mask {
-        let n = t.elem_count();
-        let c = mask::count(t)? as usize;
-        let mut v = vec![0u8; n];
-        for i in rand::seq::index::sample(&mut rng, n, c) {
-            v[i] = 1;
-        }
-        out.insert(name.clone(), Tensor::from_vec(v, t.dims(), &Device::Cpu)?);
-    }
-    Ok(out)
-}
-
 /// Replaces the masked entries of each masked parameter by draws from a normal with that
 /// whole tensor's mean and standard deviation (seeded).
 pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
@@ -328,7 +311,10 @@ pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
     let eval = tokenize(&base, &spec.eval, spec.eval_tokens)?;
     let train_langs: Vec<String> = data.iter().map(|d| d.0.clone()).collect();
     let eval_langs: Vec<String> = eval.iter().map(|d| d.0.clone()).collect();
-    let random = random_like(&region, spec.config.seed ^ 0x5eed_0001)?;
+    let random = crate::region::to_mask(&crate::region::random::random_like(
+        &crate::region::from_mask(&region).with_context(|| format!("{}", spec.region.display()))?,
+        spec.config.seed ^ 0x5eed_0001,
+    ))?;
     std::fs::create_dir_all(&spec.out)
         .with_context(|| format!("{}: cannot create", spec.out.display()))?;
     mask::save(
