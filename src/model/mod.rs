@@ -281,9 +281,9 @@ impl Model {
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let a = if !grad && fused::use_fused(&q) {
+        let a = if fused::use_fused(&q) {
             // blocked kernel: causal half only, output already [b, t, nh, hd]
-            fused::causal_attention_inference(&q, &k, &v)?.reshape((b * t, nh * hd))?
+            fused::causal_attention_blocked(&q, &k, &v)?.reshape((b * t, nh * hd))?
         } else {
             // [b, nh, t, hd] -> [b, nkv, rep*t, hd]: query heads sharing a kv head stacked
             let q = q.reshape((b, nkv, rep * t, hd))?;

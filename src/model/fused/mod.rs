@@ -13,7 +13,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use attention::causal_attention_inference;
+pub use attention::causal_attention_blocked;
 pub use linear::linear;
 pub use nll::token_nll;
 pub use norm::rms_norm;
