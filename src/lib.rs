@@ -15,6 +15,7 @@ pub mod model;
 pub mod perturb;
 pub mod region;
 pub mod report;
+pub mod safetensors_writer;
 pub mod score;
 pub mod study;
 pub mod tokenizer;

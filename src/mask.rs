@@ -38,17 +38,23 @@ pub fn summary_path(mask: &Path) -> PathBuf {
 
 /// Writes a mask (atomically) and its summary JSON beside it. The summary gets per-tensor
 /// counts, numel and fractions, totals, plus the caller's `how` object (how it was made).
+/// Saving the same mask twice gives byte-identical files.
 pub fn save(path: &Path, mask: &Mask, how: serde_json::Value) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = mask.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-    for (n, t) in &tensors {
+    use crate::safetensors_writer::{write, Entry};
+    for (n, t) in mask {
         if t.dtype() != DType::U8 {
             bail!("mask tensor {n} must be U8, is {:?}", t.dtype());
         }
     }
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("kind".to_string(), "broca-mask".to_string());
-    meta.insert("version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    crate::model::hf::save_safetensors(path, &tensors, Some(meta))?;
+    let entries = mask
+        .iter()
+        .map(|(n, t)| Entry::tensor(n.clone(), t.clone()))
+        .collect();
+    let meta = BTreeMap::from([
+        ("kind".to_string(), "broca-mask".to_string()),
+        ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ]);
+    write(path, entries, Some(&meta))?;
     write_json(&summary_path(path), &summary(mask, how)?)
 }
 
@@ -158,4 +164,63 @@ pub fn model_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
         bail!("{}: no such file or directory", path.display());
     };
     Ok(cfg.param_shapes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn saving_the_same_mask_twice_gives_identical_bytes() {
+        let d = &Device::Cpu;
+        let mut mask = Mask::new();
+        for (i, name) in ["model.layers.1.mlp.up_proj.weight", "model.layers.0.q", "z"]
+            .iter()
+            .enumerate()
+        {
+            let v: Vec<u8> = (0..24).map(|j| ((j + i) % 3 == 0) as u8).collect();
+            mask.insert(name.to_string(), Tensor::from_vec(v, (4, 6), d).unwrap());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let how = serde_json::json!({"method": "test", "k": 0.5, "seed": 3});
+        let bytes = |p: &Path| {
+            (
+                std::fs::read(p).unwrap(),
+                std::fs::read(summary_path(p)).unwrap(),
+            )
+        };
+        let first = dir.path().join("a.safetensors");
+        save(&first, &mask, how.clone()).unwrap();
+        let want = bytes(&first);
+        // the metadata is a map of several keys: repeat so a random key order would show
+        for i in 0..8 {
+            let p = dir.path().join(format!("m{i}.safetensors"));
+            save(&p, &mask, how.clone()).unwrap();
+            assert_eq!(bytes(&p), want, "save {i} differs from the first");
+        }
+        save(&first, &mask, how).unwrap();
+        assert_eq!(bytes(&first), want, "overwriting changed the bytes");
+        // the header is the 8-byte length, then JSON padded to a multiple of 8
+        let n = u64::from_le_bytes(want.0[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&want.0[8..8 + n]).unwrap();
+        assert!(header.starts_with(r#"{"__metadata__":{"kind":"broca-mask","version":""#));
+        let (_, meta) = read_safetensors(&first).unwrap();
+        assert_eq!(meta["kind"], "broca-mask");
+        let back = load(&first).unwrap();
+        assert_eq!(
+            back.keys().collect::<Vec<_>>(),
+            mask.keys().collect::<Vec<_>>()
+        );
+        for (n, t) in &mask {
+            assert_eq!(back[n].dims(), t.dims());
+            assert_eq!(
+                back[n].flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+                t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+            );
+        }
+        // only the two outputs per save, no temporary files left behind
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2 * 9);
+    }
 }

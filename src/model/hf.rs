@@ -95,38 +95,27 @@ pub fn load_weights(dir: &Path, cfg: &Config) -> Result<HashMap<String, Tensor>>
     Ok(out)
 }
 
-/// Writes `tensors` as one f32 safetensors file, atomically, with string metadata.
+/// Writes `tensors` as one safetensors file (U8 and F64 as they are, anything else as F32),
+/// atomically, streaming one tensor at a time, with string metadata (keys written sorted,
+/// so saving the same tensors twice gives the same bytes).
 pub fn save_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let mut data: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let (bytes, dt) = match t.dtype() {
-            DType::U8 => (t.flatten_all()?.to_vec1::<u8>()?, Dtype::U8),
-            DType::F64 => {
-                let v = t.flatten_all()?.to_vec1::<f64>()?;
-                (v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::F64)
-            }
-            _ => {
-                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                (v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::F32)
-            }
-        };
-        data.push((name.clone(), bytes, t.dims().to_vec(), dt));
-    }
-    let views: Vec<(String, TensorView)> = data
+    use crate::safetensors_writer::{write, Entry};
+    let entries = tensors
         .iter()
-        .map(|(n, b, s, d)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata)?;
-    atomic_write(path, &bytes)
+        .map(|(n, t)| Entry::tensor(n.clone(), t.clone()))
+        .collect();
+    let metadata: Option<std::collections::BTreeMap<String, String>> =
+        metadata.map(|m| m.into_iter().collect());
+    write(path, entries, metadata.as_ref())
 }
 
 /// Writes a checkpoint directory loadable by transformers: `config.json` and
-/// `model.safetensors` (f32, HF names and layout).
+/// `model.safetensors` (f32, HF names and layout), each atomically; the weights are streamed
+/// tensor by tensor, so saving holds at most one tensor's bytes beyond the model.
 pub fn save_checkpoint(dir: &Path, cfg: &Config, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut meta = HashMap::new();
