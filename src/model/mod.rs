@@ -249,6 +249,45 @@ impl Model {
         grad: bool,
         probe: &mut dyn FnMut(&'static str, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
+        self.layer_full(l, x, ctx, grad, NormWeights::default(), probe)
+    }
+
+    /// [`Model::layer`] with per-batch-element RMSNorm weights: batch element `i` uses row
+    /// `i` of `norms.input` / `norms.post` (`[b, 1, hidden]`) instead of the layer's own
+    /// weight, so one forward evaluates several norm perturbations at once.
+    pub fn layer_with_norms(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        grad: bool,
+        norms: NormWeights,
+    ) -> Result<Tensor> {
+        self.layer_full(l, x, ctx, grad, norms, &mut |_, _| Ok(()))
+    }
+
+    /// RMSNorm of `x` `[b, t, hidden]` with parameter `wi`, or with per-batch-element weights
+    /// `[b, 1, hidden]`: the fused norm with unit weight, times the rows.
+    fn norm(&self, x: &Tensor, wi: usize, rows: Option<&Tensor>, grad: bool) -> Result<Tensor> {
+        let eps = self.config.rms_eps;
+        Ok(match rows {
+            None => fused::rms_norm(x, &self.w(wi, grad), eps)?,
+            Some(rows) => {
+                let ones = Tensor::ones(self.config.hidden_size, x.dtype(), x.device())?;
+                fused::rms_norm(x, &ones, eps)?.broadcast_mul(rows)?
+            }
+        })
+    }
+
+    fn layer_full(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        grad: bool,
+        norms: NormWeights,
+        probe: &mut dyn FnMut(&'static str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let li = &self.layers[l];
         let (b, t, h) = x.dims3()?;
@@ -261,7 +300,7 @@ impl Model {
                 None => y,
             })
         };
-        let hn = fused::rms_norm(x, &self.w(li.input_norm, grad), c.rms_eps)?;
+        let hn = self.norm(x, li.input_norm, norms.input, grad)?;
         let hn = hn.reshape((b * t, h))?;
         let (qb, kb, vb) = match li.bias {
             Some((q, k, v)) => (Some(q), Some(k), Some(v)),
@@ -294,8 +333,9 @@ impl Model {
                 .reshape((b * t, nh * hd))?
         };
         let x = (x + lin(&a, li.o, None)?.reshape((b, t, h))?)?;
-        let hn =
-            fused::rms_norm(&x, &self.w(li.post_norm, grad), c.rms_eps)?.reshape((b * t, h))?;
+        let hn = self
+            .norm(&x, li.post_norm, norms.post, grad)?
+            .reshape((b * t, h))?;
         let g = lin(&hn, li.gate, None)?;
         let u = lin(&hn, li.up, None)?;
         let act = fused::swiglu(&g, &u)?;
@@ -307,8 +347,19 @@ impl Model {
 
     /// Final norm and output projection: `[b, t, hidden]` → logits `[b, t, vocab]`.
     pub fn head(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        self.head_with_norm(x, grad, None)
+    }
+
+    /// [`Model::head`] with per-batch-element final-norm weights `[b, 1, hidden]` (or the
+    /// model's own for `None`).
+    pub fn head_with_norm(
+        &self,
+        x: &Tensor,
+        grad: bool,
+        final_rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
-        let xn = fused::rms_norm(x, &self.w(self.final_norm, grad), self.config.rms_eps)?;
+        let xn = self.norm(x, self.final_norm, final_rows, grad)?;
         let logits = fused::linear(&xn.reshape((b * t, h))?, &self.w(self.lm_head, grad))?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
@@ -338,13 +389,24 @@ impl Model {
 
     /// Per-token NLL from the last residual stream `x` `[b, t, hidden]`.
     pub fn nll_from_hidden(&self, x: &Tensor, ids: &Tensor, grad: bool) -> Result<Tensor> {
+        self.nll_from_hidden_with_norm(x, ids, grad, None)
+    }
+
+    /// [`Model::nll_from_hidden`] with per-batch-element final-norm weights `[b, 1, hidden]`.
+    pub fn nll_from_hidden_with_norm(
+        &self,
+        x: &Tensor,
+        ids: &Tensor,
+        grad: bool,
+        final_rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t < 2 {
             bail!("a window needs at least 2 tokens, got {t}");
         }
         let x = x.narrow(1, 0, t - 1)?;
         let logits = self
-            .head(&x.contiguous()?, grad)?
+            .head_with_norm(&x.contiguous()?, grad, final_rows)?
             .reshape((b * (t - 1), self.config.vocab_size))?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
         Ok(fused::token_nll(&logits, &targets)?.reshape((b, t - 1))?)
@@ -371,6 +433,14 @@ impl Model {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?)
     }
+}
+
+/// Per-batch-element RMSNorm weights `[b, 1, hidden]` replacing a layer's own (see
+/// [`Model::layer_with_norms`]); `None` keeps the layer's weight.
+#[derive(Clone, Copy, Default)]
+pub struct NormWeights<'a> {
+    pub input: Option<&'a Tensor>,
+    pub post: Option<&'a Tensor>,
 }
 
 /// Per-length tensors shared by all layers: RoPE tables and the causal mask.

@@ -5,9 +5,8 @@
 //! along the batch axis; each batch element carries its own norm weight (see
 //! [`super::layer`]), so one forward evaluates several dimensions.
 
-use super::layer::{layer_with_norm_weights, mean_nll_with_final_norm};
 use super::ops::{self, Op};
-use crate::model::Model;
+use crate::model::{Model, NormWeights};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
@@ -136,18 +135,24 @@ pub fn scan_batched(
             let xb = x.broadcast_as((b, t, h))?.contiguous()?;
             let idsb = ids1.broadcast_as((b, t))?.contiguous()?;
             let nll = match site {
-                NormSite::Final => mean_nll_with_final_norm(model, &xb, &idsb, Some(&wb))?,
+                NormSite::Final => mean_nll_rows(model, &xb, &idsb, Some(&wb))?,
                 NormSite::Input(l) | NormSite::PostAttention(l) => {
-                    let (iw, pw) = if matches!(site, NormSite::Input(_)) {
-                        (Some(&wb), None)
+                    let norms = if matches!(site, NormSite::Input(_)) {
+                        NormWeights {
+                            input: Some(&wb),
+                            post: None,
+                        }
                     } else {
-                        (None, Some(&wb))
+                        NormWeights {
+                            input: None,
+                            post: Some(&wb),
+                        }
                     };
-                    let mut y = layer_with_norm_weights(model, l, &xb, &ctx, iw, pw)?;
+                    let mut y = model.layer_with_norms(l, &xb, &ctx, false, norms)?;
                     for l2 in l + 1..model.config.num_layers {
                         y = model.layer(l2, &y, &ctx, false)?;
                     }
-                    mean_nll_with_final_norm(model, &y, &idsb, None)?
+                    mean_nll_rows(model, &y, &idsb, None)?
                 }
             };
             for (j, v) in nll.into_iter().enumerate() {
@@ -157,6 +162,21 @@ pub fn scan_batched(
         }
     }
     Ok(out)
+}
+
+/// Mean NLL per batch element of windows `ids` `[b, t]` from the last residual stream `x`,
+/// with per-element final-norm weights `final_rows` `[b, 1, hidden]` (or the model's own).
+fn mean_nll_rows(
+    model: &Model,
+    x: &Tensor,
+    ids: &Tensor,
+    final_rows: Option<&Tensor>,
+) -> Result<Vec<f64>> {
+    Ok(model
+        .nll_from_hidden_with_norm(x, ids, false, final_rows)?
+        .mean(1)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1()?)
 }
 
 /// Mean NLL of each window with the model as it is (one plain forward each).

@@ -4,7 +4,6 @@
 
 pub mod ablate;
 pub mod dims;
-pub mod layer;
 pub mod ops;
 pub mod plot;
 pub mod scan;
