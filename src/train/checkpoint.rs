@@ -10,10 +10,11 @@ use super::curves::EvalPoint;
 use super::stream::StreamState;
 use crate::io::{read_safetensors, write_json};
 use crate::model::Model;
+use crate::safetensors_writer::{write, Data, Entry};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Everything but the tensors.
@@ -60,90 +61,18 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(v)
 }
 
-/// The data of one tensor to stream into a safetensors file.
-enum Data<'a> {
-    F32(&'a [f32]),
-    F64(&'a [f64]),
-    Tensor(Tensor),
-}
-
-/// A tensor view for `safetensors::serialize_to_file` that produces its bytes only when
-/// written, so no whole-file buffer is ever built.
-struct View<'a> {
-    shape: Vec<usize>,
-    data: Data<'a>,
-}
-
-impl safetensors::View for View<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        match self.data {
-            Data::F64(_) => safetensors::Dtype::F64,
-            _ => safetensors::Dtype::F32,
-        }
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let bytes: Vec<u8> = match &self.data {
-            Data::F32(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Data::F64(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Data::Tensor(t) => {
-                let v: Vec<f32> = t
-                    .flatten_all()
-                    .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                    .and_then(|t| t.to_vec1())
-                    .unwrap_or_default();
-                v.iter().flat_map(|v| v.to_le_bytes()).collect()
-            }
-        };
-        std::borrow::Cow::Owned(bytes)
-    }
-    fn data_len(&self) -> usize {
-        let n: usize = self.shape.iter().product();
-        n * if matches!(self.data, Data::F64(_)) {
-            8
-        } else {
-            4
-        }
-    }
-}
-
-/// Streams tensors into a safetensors file and syncs it.
-fn write_streaming(
-    path: &Path,
-    views: Vec<(String, View)>,
-    meta: Option<HashMap<String, String>>,
-) -> Result<()> {
-    safetensors::serialize_to_file(views, meta, path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
 /// Writes a loadable model directory (config.json, model.safetensors in f32, tokenizer.json;
-/// the layout of `Model::save_hf`) without building the whole file in memory. The weights
-/// file is written through a temporary name and renamed.
+/// the layout of `Model::save_hf`) without building the whole file in memory. Each file is
+/// written through a temporary name and renamed.
 pub fn write_model(dir: &Path, model: &Model) -> Result<()> {
-    let views = model
+    let entries = model
         .params
         .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                View {
-                    shape: p.var.dims().to_vec(),
-                    data: Data::Tensor(p.var.as_tensor().detach()),
-                },
-            )
-        })
+        .map(|p| Entry::tensor_f32(p.name.clone(), p.var.as_tensor().detach()))
         .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let tmp = dir.join(format!(".model.safetensors.{}.tmp", std::process::id()));
-    write_streaming(&tmp, views, Some(meta))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))
-        .with_context(|| format!("{}: cannot write model.safetensors", dir.display()))?;
+    write(&dir.join("model.safetensors"), entries, Some(&meta))?;
     write_json(&dir.join("config.json"), &model.config.to_hf_json())?;
     if let Some(t) = &model.tokenizer {
         t.save(&dir.join("tokenizer.json"))?;
@@ -153,29 +82,22 @@ pub fn write_model(dir: &Path, model: &Model) -> Result<()> {
 
 /// Writes the optimizer moments as `m.NAME` / `v.NAME`.
 fn write_moments(path: &Path, opt: &AdamW) -> Result<()> {
-    let mut views = Vec::new();
+    let mut entries = Vec::new();
     for s in &opt.states {
         let (m, v) = match &s.moments {
             Some(Moments::F32 { m, v }) => (Data::F32(m), Data::F32(v)),
             Some(Moments::F64 { m, v }) => (Data::F64(m), Data::F64(v)),
             None => continue,
         };
-        views.push((
-            format!("m.{}", s.name),
-            View {
+        for (prefix, data) in [("m", m), ("v", v)] {
+            entries.push(Entry {
+                name: format!("{prefix}.{}", s.name),
                 shape: s.shape.clone(),
-                data: m,
-            },
-        ));
-        views.push((
-            format!("v.{}", s.name),
-            View {
-                shape: s.shape.clone(),
-                data: v,
-            },
-        ));
+                data,
+            });
+        }
     }
-    write_streaming(path, views, None)
+    write(path, entries, None)
 }
 
 /// Writes checkpoint `step-N` atomically and keeps only the newest `keep` (at least 1).
