@@ -14,6 +14,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use fused::GradSink;
 
 /// One named parameter.
 pub struct Param {
@@ -48,6 +51,9 @@ pub struct Model {
     pub tokenizer: Option<Tokenizer>,
     /// Where the model was loaded from (empty for random models).
     pub source: PathBuf,
+    /// While set (see [`Model::with_grad_sink`]), tracked forwards send the linear layers'
+    /// weight gradients here.
+    grad_sink: Mutex<Option<Arc<dyn GradSink>>>,
 }
 
 impl Model {
@@ -144,6 +150,7 @@ impl Model {
             lm_head,
             tokenizer: None,
             source: PathBuf::new(),
+            grad_sink: Mutex::new(None),
         })
     }
 
@@ -205,6 +212,38 @@ impl Model {
             t.save(&dir.join("tokenizer.json"))?;
         }
         Ok(())
+    }
+
+    /// Runs `f` (which builds and back-propagates tracked forwards) with the weight gradients
+    /// of every linear layer (q/k/v/o, gate/up/down, lm_head) going to `sink` instead of to
+    /// candle's gradient store; the other parameters' gradients (embeddings, norms, biases)
+    /// stay in the gradient store. Saves a zero tensor and an add per weight per backward.
+    pub fn with_grad_sink<R>(&self, sink: Arc<dyn GradSink>, f: impl FnOnce() -> R) -> R {
+        let old = self.set_grad_sink(Some(sink));
+        let out = f();
+        self.set_grad_sink(old);
+        out
+    }
+
+    fn set_grad_sink(&self, s: Option<Arc<dyn GradSink>>) -> Option<Arc<dyn GradSink>> {
+        let mut g = self.grad_sink.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *g, s)
+    }
+
+    /// `x · wᵀ` for weight parameter `wi`, its gradient to the grad sink when one is set.
+    fn linear(&self, x: &Tensor, wi: usize, grad: bool) -> Result<Tensor> {
+        let sink = match grad {
+            true => self
+                .grad_sink
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            false => None,
+        };
+        Ok(match sink {
+            Some(sink) => fused::linear_into(x, &self.w(wi, true), &sink, wi)?,
+            None => fused::linear(x, &self.w(wi, grad))?,
+        })
     }
 
     fn w(&self, i: usize, grad: bool) -> Tensor {
@@ -294,7 +333,7 @@ impl Model {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let rep = nh / nkv;
         let lin = |x: &Tensor, wi: usize, bi: Option<usize>| -> Result<Tensor> {
-            let y = fused::linear(x, &self.w(wi, grad))?;
+            let y = self.linear(x, wi, grad)?;
             Ok(match bi {
                 Some(bi) => y.broadcast_add(&self.w(bi, grad))?,
                 None => y,
@@ -360,7 +399,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let xn = self.norm(x, self.final_norm, final_rows, grad)?;
-        let logits = fused::linear(&xn.reshape((b * t, h))?, &self.w(self.lm_head, grad))?;
+        let logits = self.linear(&xn.reshape((b * t, h))?, self.lm_head, grad)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 

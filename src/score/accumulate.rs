@@ -7,10 +7,11 @@
 //! size only through that dtype's rounding inside one batch; the running sum itself is
 //! exact enough (f64) not to depend on how many windows it holds or where a run resumed.
 
-use crate::model::Model;
+use crate::model::{GradSink, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 /// The running sum of per-window gradients, one f64 vector per parameter (model order).
 pub struct GradSum {
@@ -50,8 +51,18 @@ impl GradSum {
             .flat_map(|w| ids[w.clone()].iter().copied())
             .collect();
         let batch = Tensor::from_vec(flat, (wins.len(), t), &Device::Cpu)?;
-        let grads = model.mean_nll(&batch)?.backward()?;
         let scale = wins.len() as f64;
+        // the linear layers' weight gradients are added into the sums as the backward
+        // produces them; the rest (embeddings, norms, biases) from candle's gradient store
+        let sink = Arc::new(SumSink {
+            sums: Mutex::new(std::mem::take(&mut self.sums)),
+            scale,
+        });
+        let grads = model.with_grad_sink(sink.clone(), || -> Result<_> {
+            Ok(model.mean_nll(&batch)?.backward()?)
+        });
+        self.sums = std::mem::take(&mut *sink.sums.lock().unwrap_or_else(|e| e.into_inner()));
+        let grads = grads?;
         for (sum, p) in self.sums.iter_mut().zip(&model.params) {
             if let Some(g) = grads.get(p.var.as_tensor()) {
                 add_scaled(sum, g, scale)?;
@@ -60,6 +71,22 @@ impl GradSum {
         self.windows += wins.len();
         self.tokens += wins.len() * t;
         Ok(())
+    }
+}
+
+/// Adds weight gradients into the running sums during a backward pass.
+struct SumSink {
+    sums: Mutex<Vec<Vec<f64>>>,
+    scale: f64,
+}
+
+impl GradSink for SumSink {
+    fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
+        let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
+        let sum = sums
+            .get_mut(param)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {param}")))?;
+        add_scaled(sum, g, self.scale).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
     }
 }
 

@@ -4,6 +4,7 @@
 use super::{slice, Real, Same};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// `x` `[m, k]` times `w` `[n, k]` transposed → `[m, n]` (a linear layer without bias).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -11,6 +12,69 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return x.matmul(&w.t()?);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, Mm::Linear)
+}
+
+/// Receives weight gradients from [`linear_into`] layers during a backward pass, in place of
+/// candle's gradient store (which would add each one to a fresh zero tensor on one thread).
+pub trait GradSink: Send + Sync {
+    /// Adds `g`, the gradient of the model's parameter number `param` (in its shape).
+    fn add(&self, param: usize, g: &Tensor) -> Result<()>;
+}
+
+/// [`linear`] whose weight gradient goes to `sink` as parameter `param` instead of to
+/// candle's gradient store (`w` is used detached). Off the fused path (other devices,
+/// reference ops) it is plain [`linear`] and the gradient stays in the gradient store.
+pub fn linear_into(
+    x: &Tensor,
+    w: &Tensor,
+    sink: &Arc<dyn GradSink>,
+    param: usize,
+) -> Result<Tensor> {
+    if !super::use_fused(x) || !x.track_op() {
+        return linear(x, w);
+    }
+    x.contiguous()?.apply_op2(
+        &w.detach().contiguous()?,
+        SinkLinear {
+            sink: sink.clone(),
+            param,
+        },
+    )
+}
+
+struct SinkLinear {
+    sink: Arc<dyn GradSink>,
+    param: usize,
+}
+
+impl CustomOp2 for SinkLinear {
+    fn name(&self) -> &'static str {
+        "fused-linear-sink"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Mm::Linear.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dw = dy.apply_op2_no_bwd(x, &Mm::TransA)?;
+        self.sink.add(self.param, &dw)?;
+        drop(dw);
+        Ok((Some(dy.apply_op2_no_bwd(w, &Mm::Plain)?), None))
+    }
 }
 
 /// The three products a linear layer needs, on row-major operands `a`, `b`.
@@ -157,10 +221,17 @@ impl CustomOp2 for Mm {
         let Mm::Linear = self else {
             bail!("linear: backward only for the forward product");
         };
+        // only what the graph needs: no weight gradient for a detached weight
         let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &Mm::Plain)?;
-        let dw = dy.apply_op2_no_bwd(x, &Mm::TransA)?;
-        Ok((Some(dx), Some(dw)))
+        let dx = match x.track_op() {
+            true => Some(dy.apply_op2_no_bwd(w, &Mm::Plain)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(dy.apply_op2_no_bwd(x, &Mm::TransA)?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }
 

@@ -14,7 +14,7 @@ mod softmax;
 mod swiglu;
 
 pub use attention::causal_attention_blocked;
-pub use linear::linear;
+pub use linear::{linear, linear_into, GradSink};
 pub use nll::token_nll;
 pub use norm::rms_norm;
 pub use rope::rope_transposed;
@@ -345,6 +345,63 @@ mod model_tests {
             }
             let inference = m.token_nll(&ids, false).unwrap();
             assert!(max_abs_diff(&inference, &nf) < 1e-12);
+        }
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use super::testing::max_abs_diff;
+    use crate::model::{Arch, Config, GradSink, Model};
+    use candle_core::{DType, Tensor};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(usize, Tensor)>>);
+    impl GradSink for Collect {
+        fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
+            self.0.lock().unwrap().push((param, g.clone()));
+            Ok(())
+        }
+    }
+
+    /// With a grad sink, every linear weight's gradient arrives there (once; for tied
+    /// embeddings the lm_head part) and equals the gradient-store one; the other parameters
+    /// stay in the gradient store.
+    #[test]
+    fn grad_sink_receives_the_linear_weight_gradients() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = Model::random(Config::tiny(arch), DType::F64, 5).unwrap();
+            let ids =
+                Tensor::from_vec((0..12u32).collect(), (2, 6), &candle_core::Device::Cpu).unwrap();
+            let plain = m.mean_nll(&ids).unwrap().backward().unwrap();
+            let sink = Arc::new(Collect::default());
+            let store = m
+                .with_grad_sink(sink.clone(), || m.mean_nll(&ids).unwrap().backward())
+                .unwrap();
+            let got = sink.0.lock().unwrap();
+            let linear = |n: &str| n.ends_with("proj.weight") || n == "lm_head.weight";
+            for (i, p) in m.params.iter().enumerate() {
+                let want = plain.get(p.var.as_tensor()).unwrap();
+                let from_sink: Vec<&Tensor> = got
+                    .iter()
+                    .filter(|(j, _)| *j == i)
+                    .map(|(_, g)| g)
+                    .collect();
+                let from_store = store.get(p.var.as_tensor());
+                let total = match (from_sink.as_slice(), from_store) {
+                    ([g], None) => (*g).clone(),
+                    ([g], Some(s)) => (*g + s).unwrap(), // tied embeddings: lm_head + embedding
+                    ([], Some(s)) => s.clone(),
+                    _ => panic!("{arch:?} {}: gradient missing or duplicated", p.name),
+                };
+                if linear(&p.name) {
+                    assert_eq!(from_sink.len(), 1, "{}", p.name);
+                    assert!(from_store.is_none(), "{}", p.name);
+                }
+                let d = max_abs_diff(&total, want);
+                assert!(d < 1e-12, "{arch:?} {}: differs by {d}", p.name);
+            }
         }
     }
 }
