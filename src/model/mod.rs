@@ -365,7 +365,7 @@ impl Model {
         } else {
             // [b, nh, t, hd] -> [b, nkv, rep*t, hd]: query heads sharing a kv head stacked
             let q = q.reshape((b, nkv, rep * t, hd))?;
-            let a = fused::causal_attention(&q, &k, &v)?;
+            let a = ops::attention(&q, &k, &v, &ctx.mask)?;
             a.reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .contiguous()?

@@ -10,7 +10,6 @@ mod linear;
 mod nll;
 mod norm;
 mod rope;
-mod softmax;
 mod swiglu;
 
 pub use attention::causal_attention_blocked;
@@ -18,7 +17,6 @@ pub use linear::{linear, linear_into, GradSink};
 pub use nll::token_nll;
 pub use norm::rms_norm;
 pub use rope::rope_transposed;
-pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Tensor};
@@ -41,14 +39,6 @@ pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
 /// Whether the fused kernel applies to `t` (a CPU tensor, fused ops not switched off).
 pub fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && !REFERENCE.with(|r| r.get())
-}
-
-/// Causal grouped-query attention with the fused scaled causal softmax; same contract as
-/// [`super::ops::attention`] (`q` `[b, kv, rep*t, d]`, `k`, `v` `[b, kv, t, d]`).
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let d = q.dim(candle_core::D::Minus1)?;
-    let scores = q.matmul(&k.t()?)?;
-    causal_softmax(&scores, 1.0 / (d as f64).sqrt())?.matmul(v)
 }
 
 /// The float types the kernels run on (f32, f64).
