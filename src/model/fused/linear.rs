@@ -120,16 +120,15 @@ impl Mm {
         };
         let mut c: Vec<T> = Vec::with_capacity(m * n);
         let c_ptr = SendPtr(c.as_mut_ptr());
-        // Split the output into blocks of columns (or of rows when there are few columns), one
-        // single-threaded gemm each, run in parallel. gemm's own threading packs an operand
-        // on the calling thread before it fans out (for m ≤ 2·mc, i.e. every window of
-        // ≤ ~1000 tokens), which left one core idle for ~10% of a forward pass.
+        // One single-threaded gemm per thread on its own block of the output, run in
+        // parallel. gemm's own threading packs an operand on the calling thread before it fans
+        // out (for every window of ≤ ~1000 tokens), which left one core idle for ~10% of a
+        // forward pass. gemm computes a row-major product as its transpose, so `b` is the
+        // operand it packs (for the forward: the weight, gathered element by element): blocks
+        // of columns let each thread pack only its part of it; rows when columns are few.
         let threads = rayon::current_num_threads().max(1);
-        // gemm computes a row-major product as its transpose, so `b` is the operand it packs
-        // (for the forward: the weight, gathered element by element). Split by columns so that
-        // each thread packs only its own part of it; by rows when there are few columns.
         let by_rows = n < 64 * threads && m > n;
-        let (len, unit) = if by_rows { (m, 16) } else { (n, 16) };
+        let (len, unit) = (if by_rows { m } else { n }, 16);
         let per = len.div_ceil(threads).next_multiple_of(unit).max(unit);
         let blocks: Vec<(usize, usize)> = (0..len)
             .step_by(per)
