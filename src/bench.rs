@@ -46,33 +46,6 @@ pub fn cpu_seconds() -> f64 {
         / 1e9
 }
 
-/// Median wall seconds and median CPU seconds / threads of `reps` runs of `f` after one
-/// warm-up run.
-fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
-    let threads = rayon::current_num_threads() as f64;
-    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
-    for i in 0..reps + 1 {
-        let (t, c) = (Instant::now(), cpu_seconds());
-        f()?;
-        if i > 0 {
-            wall.push(t.elapsed().as_secs_f64());
-            cpu.push((cpu_seconds() - c) / threads);
-        }
-    }
-    Ok((median(&mut wall), median(&mut cpu)))
-}
-
-/// f32 GFLOP/s of an n×n×n matmul with gemm's best kernel, median of `reps`.
-pub fn matmul_gflops(n: usize, reps: usize) -> f64 {
-    let (a, b, mut c) = square_operands(n);
-    let (wall, _) = measure(reps.max(1), || {
-        square_gemm(n, &a, &b, &mut c);
-        Ok(())
-    })
-    .unwrap_or((f64::INFINITY, 0.0));
-    2.0 * (n * n * n) as f64 / wall / 1e9
-}
-
 fn square_operands(n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (vec![1.0f32; n * n], vec![0.5f32; n * n], vec![0f32; n * n])
 }

@@ -254,51 +254,29 @@ fn kernel<T: Real>(
             // elements the strides address; out rows of this (b, head, block) are written by
             // this task only.
             unsafe {
-                gemm::gemm(
+                // scores = q kᵀ
+                mm(
                     rows,
                     keys,
                     d,
-                    s.as_mut_ptr(),
-                    1,
-                    keys as isize,
+                    (s.as_mut_ptr(), 1, keys),
                     false,
-                    qb.as_ptr(),
-                    1,
-                    d as isize,
-                    kb.as_ptr(),
-                    d as isize,
-                    1,
-                    T::ZERO,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (qb.as_ptr(), 1, d),
+                    (kb.as_ptr(), d, 1),
                 );
             }
             causal_softmax_rows(&mut s[..rows * keys], keys, i0, scale);
             let dst = (out_ptr as *mut T).wrapping_add(((bi * t + i0) * h + hi) * d);
             unsafe {
-                gemm::gemm(
+                // out = P v, written in the [b, t, h, d] layout
+                mm(
                     rows,
                     d,
                     keys,
-                    dst,
-                    1,
-                    (h * d) as isize,
+                    (dst, 1, h * d),
                     false,
-                    s.as_ptr(),
-                    1,
-                    keys as isize,
-                    vb.as_ptr(),
-                    1,
-                    d as isize,
-                    T::ZERO,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (s.as_ptr(), 1, keys),
+                    (vb.as_ptr(), 1, d),
                 );
             }
         },
