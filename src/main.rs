@@ -22,7 +22,11 @@ fn main() {
 /// the kernel: each forward/backward allocates and frees the same few hundred MB of
 /// activations and gradients, and fresh pages cost a page fault, a zeroing and a cgroup
 /// charge each (≈10% of a forward+backward, all on the main thread). Peak RSS is unchanged:
-/// the same sizes come back every window. `MALLOC_*` environment variables still win.
+/// the same sizes come back every window. One arena for all threads: rayon's workers
+/// otherwise allocate gemm's packing buffers from per-thread arenas, whose heaps glibc unmaps
+/// whenever they empty (whatever the trim threshold), so every product faulted its buffers in
+/// afresh (≈60k page faults per 512-token forward+backward). `MALLOC_*` environment
+/// variables still win.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -31,6 +35,7 @@ fn keep_freed_memory() {
         }
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_MAX: i32 = -4;
+        const M_ARENA_MAX: i32 = -8;
         let set = |var: &str, param: i32, value: i32| {
             if std::env::var_os(var).is_none() {
                 // SAFETY: mallopt only changes allocator tunables; called before any thread
@@ -40,5 +45,6 @@ fn keep_freed_memory() {
         };
         set("MALLOC_MMAP_MAX_", M_MMAP_MAX, 0);
         set("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, i32::MAX);
+        set("MALLOC_ARENA_MAX", M_ARENA_MAX, 1);
     }
 }

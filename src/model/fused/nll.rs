@@ -91,14 +91,27 @@ impl CustomOp2 for TokenNll {
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         d: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Some(logits.apply_op3_no_bwd(targets, &d.contiguous()?, &TokenNllBwd)?),
-            None,
-        ))
+        Ok((Some(token_nll_backward(logits, targets, res, d)?), None))
     }
+}
+
+/// Gradient of [`token_nll`]'s logits for the per-row gradient `d`, given the forward's
+/// result `nll` (no autograd graph).
+pub fn token_nll_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    nll: &Tensor,
+    d: &Tensor,
+) -> Result<Tensor> {
+    // (upstream gradient, forward NLL) per row: the NLL gives back each row's log-sum-exp
+    // (nll + x[target]) without a second pass over the logits
+    let d_nll = Tensor::stack(&[d, nll], 1)?;
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(&targets.contiguous()?, &d_nll, &TokenNllBwd)
 }
 
 struct TokenNllBwd;
@@ -128,23 +141,33 @@ impl CustomOp3 for TokenNllBwd {
             vocab: usize,
         ) -> Result<Vec<T>> {
             let x = slice(x, l1, "token_nll bwd")?;
-            let d = slice(T::same(s3, "token_nll bwd")?, l3, "token_nll bwd")?;
-            let mut g = vec![T::ZERO; x.len()];
+            let dn = slice(T::same(s3, "token_nll bwd")?, l3, "token_nll bwd")?;
+            if dn.len() != 2 * t.len() {
+                bail!(
+                    "token_nll bwd: expected (gradient, nll) pairs for {} rows",
+                    t.len()
+                );
+            }
+            // every element is written below: no zero fill of the [n, vocab] gradient
+            let mut g: Vec<T> = Vec::with_capacity(x.len());
             let per = rows_per_task(t.len(), vocab, 1);
-            g.par_chunks_mut(per * vocab)
+            g.spare_capacity_mut()[..x.len()]
+                .par_chunks_mut(per * vocab)
                 .zip(x.par_chunks(per * vocab))
                 .enumerate()
                 .for_each(|(ci, (gc, xc))| {
                     for (k, (gr, xr)) in gc.chunks_mut(vocab).zip(xc.chunks(vocab)).enumerate() {
                         let i = ci * per + k;
-                        let (m, l) = lse(xr);
-                        let shift = m + l;
+                        let (d, target) = (dn[2 * i], t[i] as usize);
+                        let shift = dn[2 * i + 1] + xr[target];
                         for (o, &v) in gr.iter_mut().zip(xr) {
-                            *o = d[i] * (v - shift).fast_exp();
+                            o.write(d * (v - shift).fast_exp());
                         }
-                        gr[t[i] as usize] = gr[t[i] as usize] - d[i];
+                        gr[target].write(d * (xr[target] - shift).fast_exp() - d);
                     }
                 });
+            // SAFETY: the loop above wrote all x.len() elements (rows of `vocab` cover x).
+            unsafe { g.set_len(x.len()) };
             Ok(g)
         }
         let out = dispatch!(s1, "token_nll bwd", |v| go(v, l1, t, s3, l3, vocab)?);
