@@ -1,6 +1,7 @@
 //! LLaMA-family decoders (llama, qwen2): loading, parameters by Hugging Face name, and a
 //! forward pass whose every op carries gradients.
 
+mod backward;
 pub mod config;
 pub mod fused;
 pub mod gguf;

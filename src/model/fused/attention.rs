@@ -350,13 +350,31 @@ impl CustomOp3 for BlockAttention {
         o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dout = dout.contiguous()?;
-        let (dq, dk, dv) = match q.dtype() {
-            candle_core::DType::F32 => bwd_tensors::<f32>(q, k, v, o, &dout)?,
-            candle_core::DType::F64 => bwd_tensors::<f64>(q, k, v, o, &dout)?,
-            dt => bail!("attention: unsupported dtype {dt:?}"),
-        };
+        let (dq, dk, dv) = causal_attention_backward(q, k, v, o, dout)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Gradients `(dq, dk, dv)` of [`causal_attention_blocked`] at `q`, `k`, `v` with output
+/// `o`, for the output gradient `dout` (no autograd graph).
+pub fn causal_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    dout: &Tensor,
+) -> Result<Grads3> {
+    let dout = dout.contiguous()?;
+    let (q, k, v, o) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        o.contiguous()?,
+    );
+    match q.dtype() {
+        candle_core::DType::F32 => bwd_tensors::<f32>(&q, &k, &v, &o, &dout),
+        candle_core::DType::F64 => bwd_tensors::<f64>(&q, &k, &v, &o, &dout),
+        dt => bail!("attention: unsupported dtype {dt:?}"),
     }
 }
 

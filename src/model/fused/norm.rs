@@ -120,12 +120,28 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
-        let len = x.elem_count();
-        let dx = g.narrow(0, 0, len)?.reshape(x.shape())?;
-        let dw = g.narrow(0, len, w.elem_count())?.reshape(w.shape())?;
+        let (dx, dw) = rms_norm_backward(x, w, self.eps, dy)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// Gradients `(dx, dw)` of [`rms_norm`] at `x`, `w` for the output gradient `dy` (fused
+/// kernel, no autograd graph).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let g = x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &dy.contiguous()?,
+        &RmsNormBwd { eps },
+    )?;
+    let len = x.elem_count();
+    let dx = g.narrow(0, 0, len)?.reshape(x.shape())?;
+    let dw = g.narrow(0, len, w.elem_count())?.reshape(w.shape())?;
+    Ok((dx, dw))
 }
 
 struct RmsNormBwd {

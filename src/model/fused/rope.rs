@@ -140,11 +140,18 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = dy
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { inverse: true })?;
-        Ok((Some(dx), None, None))
+        Ok((Some(rope_transposed_backward(dy, cos, sin)?), None, None))
     }
+}
+
+/// Gradient of [`rope_transposed`]'s input (`[b, t, h, d]`) for the output gradient `dy`
+/// `[b, h, t, d]`: the rotation by minus the angle, transposed back (no autograd graph).
+pub fn rope_transposed_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    dy.contiguous()?.apply_op3_no_bwd(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        &Rope { inverse: true },
+    )
 }
 
 #[cfg(test)]

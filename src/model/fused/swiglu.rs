@@ -91,12 +91,21 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwiGluBwd)?;
-        let n = g.elem_count();
-        let dg = both.narrow(0, 0, n)?.reshape(g.shape())?;
-        let du = both.narrow(0, n, n)?.reshape(u.shape())?;
+        let (dg, du) = swiglu_backward(g, u, dy)?;
         Ok((Some(dg), Some(du)))
     }
+}
+
+/// Gradients `(dgate, dup)` of [`swiglu`] for the output gradient `dy` (fused kernel, no
+/// autograd graph).
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = g
+        .contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &dy.contiguous()?, &SwiGluBwd)?;
+    let n = g.elem_count();
+    let dg = both.narrow(0, 0, n)?.reshape(g.shape())?;
+    let du = both.narrow(0, n, n)?.reshape(u.shape())?;
+    Ok((dg, du))
 }
 
 struct SwiGluBwd;

@@ -1,0 +1,307 @@
+//! The gradient of the mean NLL for every parameter, by a hand-written backward pass over the
+//! fused kernels: no autograd graph, so none of candle's per-node gradient bookkeeping (a zero
+//! tensor and an add for every intermediate, reshape and copy nodes). The forward keeps each
+//! layer's activations on a tape; the backward walks the layers in reverse and hands every
+//! parameter's gradient to a [`GradSink`] as soon as it is known.
+//!
+//! Same values as `mean_nll(ids).backward()` (tests compare both in f64 to 1e-12); used by
+//! `score`, where the backward is most of the work.
+
+use super::fused::{self, GradSink};
+use super::{AttnContext, LayerIdx, Model};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+/// One layer's activations, as the backward needs them (`n` = b·t rows).
+struct Tape {
+    /// Layer input `[n, hidden]`, its input-norm output `[n, hidden]`.
+    x: Tensor,
+    hn1: Tensor,
+    /// Rotated queries `[b, heads, t, d]`, keys and values `[b, kv, t, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention output `[b, t, heads, d]`.
+    a: Tensor,
+    /// Residual after attention `[n, hidden]`, its post-norm output `[n, hidden]`.
+    x_mid: Tensor,
+    hn2: Tensor,
+    /// Gate and up projections and their SwiGLU `[n, intermediate]`.
+    g: Tensor,
+    u: Tensor,
+    act: Tensor,
+}
+
+impl Model {
+    /// Whether [`Model::mean_nll_grads`] can run (the fused CPU kernels are in use).
+    pub fn has_manual_backward(&self) -> bool {
+        let w = self.params[self.embed].var.as_tensor();
+        fused::use_fused(w) && matches!(w.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// Mean NLL over all predicted tokens of `ids` `[b, t]` (as [`Model::mean_nll`]), with
+    /// the gradient of every parameter sent to `sink`: linear weights, norms and biases
+    /// through [`GradSink::add`], the embedding's rows through [`GradSink::add_rows`] (with
+    /// tied embeddings the output projection's part arrives through `add` as well).
+    pub fn mean_nll_grads(&self, ids: &Tensor, sink: &dyn GradSink) -> Result<f64> {
+        if !self.has_manual_backward() {
+            bail!("the manual backward needs the fused CPU kernels (f32 or f64)");
+        }
+        let (b, t) = ids.dims2()?;
+        if t < 2 {
+            bail!("a window needs at least 2 tokens, got {t}");
+        }
+        let c = &self.config;
+        let h = c.hidden_size;
+        let ctx = self.attn_context(t)?;
+        let flat_ids = ids.flatten_all()?;
+
+        // forward, keeping the tape
+        let mut x = self.w(self.embed, false).index_select(&flat_ids, 0)?;
+        let mut tapes = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let (next, tape) = self.layer_taped(l, &x, &ctx, b, t)?;
+            tapes.push(tape);
+            x = next;
+        }
+        // head on positions 0..t-1 of each window
+        let xs = x.reshape((b, t, h))?.narrow(1, 0, t - 1)?.contiguous()?;
+        let xs = xs.reshape((b * (t - 1), h))?;
+        let eps = c.rms_eps;
+        let wf = self.w(self.final_norm, false);
+        let xn = fused::rms_norm(&xs, &wf, eps)?;
+        let head = self.w(self.lm_head, false);
+        let logits = fused::linear(&xn, &head)?;
+        let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
+        let nll = fused::token_nll(&logits, &targets)?;
+        let count = nll.elem_count();
+        let loss = nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / count as f64;
+
+        // backward
+        let d = Tensor::full(1.0 / count as f64, count, &candle_core::Device::Cpu)?
+            .to_dtype(nll.dtype())?;
+        let dlogits = fused::token_nll_backward(&logits, &targets, &nll, &d)?;
+        drop(logits);
+        sink.add(self.lm_head, &fused::linear_backward_weight(&dlogits, &xn)?)?;
+        let dxn = fused::linear_backward_input(&dlogits, &head)?;
+        drop(dlogits);
+        let (dxs, dwf) = fused::rms_norm_backward(&xs, &wf, eps, &dxn)?;
+        sink.add(self.final_norm, &dwf)?;
+        // the last position of each window predicts nothing: zero gradient there
+        let zero = Tensor::zeros((b, 1, h), dxs.dtype(), dxs.device())?;
+        let mut dx = Tensor::cat(&[&dxs.reshape((b, t - 1, h))?, &zero], 1)?.reshape((b * t, h))?;
+        for l in (0..c.num_layers).rev() {
+            dx = self.layer_backward(
+                l,
+                tapes.pop().expect("one tape per layer"),
+                &dx,
+                &ctx,
+                b,
+                t,
+                sink,
+            )?;
+        }
+        let rows: Vec<u32> = flat_ids.to_vec1()?;
+        sink.add_rows(self.embed, &rows, &dx)?;
+        Ok(loss)
+    }
+
+    /// One decoder layer on `x` `[b·t, hidden]` (as [`Model::layer`]), returning its output
+    /// and the activations its backward needs.
+    fn layer_taped(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        b: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tape)> {
+        let c = &self.config;
+        let li = &self.layers[l];
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_eps;
+        let lin = |x: &Tensor, wi: usize, bi: Option<usize>| -> Result<Tensor> {
+            let y = fused::linear(x, &self.w(wi, false))?;
+            Ok(match bi {
+                Some(bi) => y.broadcast_add(&self.w(bi, false))?,
+                None => y,
+            })
+        };
+        let (qb, kb, vb) = biases(li);
+        let hn1 = fused::rms_norm(x, &self.w(li.input_norm, false), eps)?;
+        let q = fused::rope_transposed(
+            &lin(&hn1, li.q, qb)?.reshape((b, t, nh, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let k = fused::rope_transposed(
+            &lin(&hn1, li.k, kb)?.reshape((b, t, nkv, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let v = lin(&hn1, li.v, vb)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let a = fused::causal_attention_blocked(&q, &k, &v)?;
+        let x_mid = (x + lin(&a.reshape((b * t, nh * hd))?, li.o, None)?)?;
+        let hn2 = fused::rms_norm(&x_mid, &self.w(li.post_norm, false), eps)?;
+        let g = lin(&hn2, li.gate, None)?;
+        let u = lin(&hn2, li.up, None)?;
+        let act = fused::swiglu(&g, &u)?;
+        let out = (&x_mid + lin(&act, li.down, None)?)?;
+        let tape = Tape {
+            x: x.clone(),
+            hn1,
+            q,
+            k,
+            v,
+            a,
+            x_mid,
+            hn2,
+            g,
+            u,
+            act,
+        };
+        Ok((out, tape))
+    }
+
+    /// The backward of layer `l`: from the gradient `dy` of its output `[b·t, hidden]`, sends
+    /// its parameters' gradients to `sink` and returns the gradient of its input.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        tape: Tape,
+        dy: &Tensor,
+        ctx: &AttnContext,
+        b: usize,
+        t: usize,
+        sink: &dyn GradSink,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let li = &self.layers[l];
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_eps;
+        let n = b * t;
+        // dW = dyᵀ·x to the sink, dx = dy·W returned
+        let linear_bwd = |dy: &Tensor, x: &Tensor, wi: usize| -> Result<Tensor> {
+            sink.add(wi, &fused::linear_backward_weight(dy, x)?)?;
+            Ok(fused::linear_backward_input(dy, &self.w(wi, false))?)
+        };
+        // MLP
+        let dact = linear_bwd(dy, &tape.act, li.down)?;
+        let (dg, du) = fused::swiglu_backward(&tape.g, &tape.u, &dact)?;
+        drop(dact);
+        let dhn2 = (linear_bwd(&dg, &tape.hn2, li.gate)? + linear_bwd(&du, &tape.hn2, li.up)?)?;
+        drop((dg, du));
+        let (dx_norm, dw) =
+            fused::rms_norm_backward(&tape.x_mid, &self.w(li.post_norm, false), eps, &dhn2)?;
+        sink.add(li.post_norm, &dw)?;
+        let d_mid = (dy + dx_norm)?;
+        // attention
+        let da = linear_bwd(&d_mid, &tape.a.reshape((n, nh * hd))?, li.o)?;
+        let (dq, dk, dv) = fused::causal_attention_backward(
+            &tape.q,
+            &tape.k,
+            &tape.v,
+            &tape.a,
+            &da.reshape((b, t, nh, hd))?,
+        )?;
+        drop(da);
+        let dq = fused::rope_transposed_backward(&dq, &ctx.cos, &ctx.sin)?.reshape((n, nh * hd))?;
+        let dk =
+            fused::rope_transposed_backward(&dk, &ctx.cos, &ctx.sin)?.reshape((n, nkv * hd))?;
+        let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, nkv * hd))?;
+        let (qb, kb, vb) = biases(li);
+        for (bi, d) in [(qb, &dq), (kb, &dk), (vb, &dv)] {
+            if let Some(bi) = bi {
+                sink.add(bi, &d.sum(0)?)?;
+            }
+        }
+        let dhn1 = ((linear_bwd(&dq, &tape.hn1, li.q)? + linear_bwd(&dk, &tape.hn1, li.k)?)?
+            + linear_bwd(&dv, &tape.hn1, li.v)?)?;
+        let (dx_norm, dw) =
+            fused::rms_norm_backward(&tape.x, &self.w(li.input_norm, false), eps, &dhn1)?;
+        sink.add(li.input_norm, &dw)?;
+        Ok((d_mid + dx_norm)?)
+    }
+}
+
+/// A layer's q/k/v bias parameter indices (qwen2), or `None`s.
+fn biases(li: &LayerIdx) -> (Option<usize>, Option<usize>, Option<usize>) {
+    match li.bias {
+        Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+        None => (None, None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::fused::testing::max_abs_diff;
+    use crate::model::{Arch, Config, GradSink, Model};
+    use candle_core::{DType, Device, Tensor};
+    use std::sync::Mutex;
+
+    /// Collects dense gradients per parameter.
+    struct Dense {
+        shapes: Vec<Vec<usize>>,
+        grads: Mutex<Vec<Option<Tensor>>>,
+    }
+    impl Dense {
+        fn add_dense(&self, param: usize, g: Tensor) -> candle_core::Result<()> {
+            let mut gs = self.grads.lock().unwrap();
+            gs[param] = Some(match gs[param].take() {
+                Some(old) => (old + g)?,
+                None => g,
+            });
+            Ok(())
+        }
+    }
+    impl GradSink for Dense {
+        fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
+            assert_eq!(g.dims(), self.shapes[param].as_slice());
+            self.add_dense(param, g.clone())
+        }
+        fn add_rows(&self, param: usize, rows: &[u32], g: &Tensor) -> candle_core::Result<()> {
+            let z = Tensor::zeros(self.shapes[param].as_slice(), g.dtype(), g.device())?;
+            let idx = Tensor::new(rows, g.device())?;
+            self.add_dense(param, z.index_add(&idx, g, 0)?)
+        }
+    }
+
+    /// Both architectures, tied and untied head, batch 2: the manual backward gives the loss
+    /// and every parameter's gradient of candle's autograd through the same kernels.
+    #[test]
+    fn manual_backward_matches_autograd() {
+        for (arch, tie) in [
+            (Arch::Llama, true),
+            (Arch::Llama, false),
+            (Arch::Qwen2, false),
+        ] {
+            let mut cfg = Config::tiny(arch);
+            cfg.tie_embeddings = tie;
+            let m = Model::random(cfg, DType::F64, 3).unwrap();
+            assert!(m.has_manual_backward());
+            let ids: Vec<u32> = (0..18).map(|i| (i * 5 + 2) % 37).collect();
+            let ids = Tensor::from_vec(ids, (2, 9), &Device::Cpu).unwrap();
+            let loss = m.mean_nll(&ids).unwrap();
+            let want = loss.backward().unwrap();
+            let sink = Dense {
+                shapes: m.params.iter().map(|p| p.var.dims().to_vec()).collect(),
+                grads: Mutex::new(vec![None; m.params.len()]),
+            };
+            let got_loss = m.mean_nll_grads(&ids, &sink).unwrap();
+            assert!((got_loss - loss.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+            let got = sink.grads.into_inner().unwrap();
+            for (p, g) in m.params.iter().zip(&got) {
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{}: no gradient", p.name));
+                let w = want.get(p.var.as_tensor()).unwrap();
+                let d = max_abs_diff(g, w);
+                assert!(d < 1e-12, "{arch:?} tie {tie} {}: differs by {d}", p.name);
+            }
+        }
+    }
+}
