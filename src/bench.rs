@@ -2,6 +2,7 @@
 //! speed, measured in one run so that their ratios are meaningful on a noisy machine.
 
 use crate::model::Model;
+use crate::score::accumulate::GradSum;
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -28,6 +29,13 @@ pub struct BenchResult {
     pub cpu_fwd_bwd_tok_s: f64,
     pub cpu_forward_fraction_of_ceiling: f64,
     pub cpu_fwd_bwd_fraction_of_ceiling: f64,
+    /// One window of `broca score`'s work (forward, backward, accumulation into the f64
+    /// sums, [`GradSum::add_batch`]) in tokens/s, and its ratio to the forward (`ppl`'s work
+    /// per window), the median of per-round ratios.
+    pub score_tok_s: f64,
+    pub score_to_forward_ratio: f64,
+    /// The same ratio from CPU time.
+    pub cpu_score_to_forward_ratio: f64,
 }
 
 /// Seconds this process's threads have been on a CPU (sum of /proc/self/task/*/schedstat).
@@ -112,8 +120,8 @@ fn time_once(mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
 /// Runs the benchmark on `model` with windows of `seq_len` tokens, `reps` timed rounds.
 /// With `backward` false the forward+backward figures are 0.
 ///
-/// Each round times the 2048³ matmul (best of three), a forward and a forward+backward back
-/// to back, so that every round's ratios compare work done under the same machine load; the
+/// Each round times the 2048³ matmul (best of three), a forward, a forward+backward and a
+/// score window back to back, so that every round's ratios compare work done under the same machine load; the
 /// reported rates and ratios are medians over rounds, after one warm-up round.
 pub fn run(
     model: &Model,
@@ -141,8 +149,14 @@ pub fn run(
         drop(loss.backward()?);
         Ok(())
     };
-    // per round: (matmul wall, matmul cpu, fwd wall, fwd cpu, fwd+bwd wall, fwd+bwd cpu)
-    let mut rounds: Vec<[f64; 6]> = Vec::new();
+    let mut sums = backward.then(|| GradSum::zeros(model));
+    let window = vec![std::ops::Range {
+        start: 0,
+        end: seq_len,
+    }];
+    // per round: (matmul wall, matmul cpu, fwd wall, fwd cpu, fwd+bwd wall, fwd+bwd cpu,
+    // score wall, score cpu)
+    let mut rounds: Vec<[f64; 8]> = Vec::new();
     for i in 0..reps.max(1) + 1 {
         let mut mm = (f64::INFINITY, f64::INFINITY);
         for _ in 0..3 {
@@ -158,14 +172,18 @@ pub fn run(
         } else {
             (f64::INFINITY, f64::INFINITY)
         };
+        let sc = match sums.as_mut() {
+            Some(acc) => time_once(|| acc.add_batch(model, &ids, &window))?,
+            None => (f64::INFINITY, f64::INFINITY),
+        };
         if i > 0 {
-            rounds.push([mm.0, mm.1, f.0, f.1, fb.0, fb.1]);
+            rounds.push([mm.0, mm.1, f.0, f.1, fb.0, fb.1, sc.0, sc.1]);
         }
     }
-    drop((a, b, c));
+    drop((a, b, c, sums));
     let t = seq_len as f64;
     let params = model.num_params() as f64;
-    let med = |g: &dyn Fn(&[f64; 6]) -> f64| -> f64 {
+    let med = |g: &dyn Fn(&[f64; 8]) -> f64| -> f64 {
         let mut v: Vec<f64> = rounds.iter().map(g).collect();
         median(&mut v)
     };
@@ -202,5 +220,8 @@ pub fn run(
         cpu_fwd_bwd_tok_s: cb,
         cpu_forward_fraction_of_ceiling: fractions.2,
         cpu_fwd_bwd_fraction_of_ceiling: fractions.3,
+        score_tok_s: med(&|r| t / r[6]),
+        score_to_forward_ratio: med(&|r| r[2] / r[6]),
+        cpu_score_to_forward_ratio: med(&|r| r[3] / r[7]),
     })
 }

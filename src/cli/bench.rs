@@ -53,6 +53,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         100.0 * r.fwd_bwd_fraction_of_ceiling,
         r.forward_ceiling_tok_s / 3.0
     );
+    if !a.skip_backward {
+        println!(
+            "score window          {:>9.1} tok/s  ({:.3} of forward)",
+            r.score_tok_s, r.score_to_forward_ratio
+        );
+    }
     println!(
         "from CPU time: matmul {:.1} GFLOP/s, forward {:.1} tok/s ({:.0}%), forward+backward {:.1} tok/s ({:.0}%)",
         r.cpu_matmul_gflops,
