@@ -220,19 +220,51 @@ pub fn param_f64(model: &Model, i: usize) -> Result<Vec<f64>> {
         .to_vec1::<f64>()?)
 }
 
-/// θ ⊙ s for parameter `i`, in f64.
+/// θ ⊙ s for parameter `i`, in f64: one parallel pass reading θ in place (f32/f64 CPU
+/// parameters), no intermediate copies.
 pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
-    Ok(param_f64(model, i)?
-        .iter()
-        .zip(s)
-        .map(|(t, g)| t * g)
-        .collect())
+    use candle_core::Storage;
+    use rayon::prelude::*;
+    let t = model.params[i].var.as_tensor();
+    if t.elem_count() != s.len() {
+        bail!(
+            "{}: {} sums for {} values",
+            model.params[i].name,
+            s.len(),
+            t.elem_count()
+        );
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        drop(storage);
+        let theta = param_f64(model, i)?;
+        return Ok(theta.iter().zip(s).map(|(t, g)| t * g).collect());
+    };
+    Ok(match t.dtype() {
+        DType::F32 => cpu.as_slice::<f32>()?[a..b]
+            .par_iter()
+            .zip(s)
+            .map(|(&t, g)| t as f64 * g)
+            .collect(),
+        DType::F64 => cpu.as_slice::<f64>()?[a..b]
+            .par_iter()
+            .zip(s)
+            .map(|(t, g)| t * g)
+            .collect(),
+        _ => {
+            drop(storage);
+            let theta = param_f64(model, i)?;
+            theta.iter().zip(s).map(|(t, g)| t * g).collect()
+        }
+    })
 }
 
-/// The score from θ ⊙ Σg over `windows` windows: |θ ⊙ Σg| / W.
-pub fn score_from_product(product: &[f64], windows: usize) -> Vec<f64> {
+/// The score from θ ⊙ Σg over `windows` windows: |θ ⊙ Σg| / W (in place).
+pub fn score_from_product(mut product: Vec<f64>, windows: usize) -> Vec<f64> {
+    use rayon::prelude::*;
     let w = windows as f64;
-    product.iter().map(|p| (p / w).abs()).collect()
+    product.par_iter_mut().for_each(|p| *p = (*p / w).abs());
+    product
 }
 
 /// Importance of every parameter over `ids` in memory (no files): windows of `seq_len`
@@ -259,7 +291,7 @@ pub fn importance(
         .map(|(i, p)| {
             Ok((
                 p.name.clone(),
-                score_from_product(&times_param(model, i, &acc.sums[i])?, acc.windows),
+                score_from_product(times_param(model, i, &acc.sums[i])?, acc.windows),
             ))
         })
         .collect()

@@ -250,7 +250,7 @@ pub fn score_language(
             meta.insert("method".into(), METHOD_IMPORTANCE.into());
             files::write(&target, &names, Store::F32, &meta, |i| {
                 Ok(score_from_product(
-                    &times_param(job.model, i, &acc.sums[i])?,
+                    times_param(job.model, i, &acc.sums[i])?,
                     acc.windows,
                 ))
             })?;
@@ -494,7 +494,7 @@ fn merge_language(
                 *s += v;
             }
         }
-        Ok(score_from_product(&sum, windows))
+        Ok(score_from_product(sum, windows))
     })?;
     Ok(outcome("merged", start.elapsed().as_secs_f64()))
 }
