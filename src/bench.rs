@@ -144,9 +144,9 @@ pub fn run(
             .to_scalar::<f64>()?;
         Ok(())
     };
+    // what a training step computes: the loss and every parameter's dense gradient
     let fwd_bwd = || -> Result<()> {
-        let loss = model.mean_nll(&x)?;
-        drop(loss.backward()?);
+        drop(model.mean_nll_and_grads(&x)?);
         Ok(())
     };
     let mut sums = backward.then(|| GradSum::zeros(model));

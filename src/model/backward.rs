@@ -11,6 +11,7 @@ use super::fused::{self, GradSink};
 use super::{AttnContext, LayerIdx, Model};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use std::sync::Mutex;
 
 /// One layer's activations, as the backward needs them (`n` = b·t rows).
 struct Tape {
@@ -104,6 +105,32 @@ impl Model {
         let rows: Vec<u32> = flat_ids.to_vec1()?;
         sink.add_rows(self.embed, &rows, &dx)?;
         Ok(loss)
+    }
+
+    /// Mean NLL of `ids` `[b, t]` and every parameter's gradient as a dense tensor (model
+    /// order; `None` where a parameter gets none): the manual backward where it can run,
+    /// candle's autograd elsewhere. What training uses.
+    pub fn mean_nll_and_grads(&self, ids: &Tensor) -> Result<(f64, Vec<Option<Tensor>>)> {
+        if !self.has_manual_backward() {
+            let loss = self.mean_nll(ids)?;
+            let grads = loss.backward()?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let dense = self
+                .params
+                .iter()
+                .map(|p| grads.get(p.var.as_tensor()).cloned())
+                .collect();
+            return Ok((value, dense));
+        }
+        let sink = DenseGrads {
+            shapes: self.params.iter().map(|p| p.var.dims().to_vec()).collect(),
+            grads: Mutex::new(vec![None; self.params.len()]),
+        };
+        let loss = self.mean_nll_grads(ids, &sink)?;
+        Ok((
+            loss,
+            sink.grads.into_inner().unwrap_or_else(|e| e.into_inner()),
+        ))
     }
 
     /// One decoder layer on `x` `[b·t, hidden]` (as [`Model::layer`]), returning its output
@@ -228,6 +255,43 @@ impl Model {
     }
 }
 
+/// Collects gradients as dense tensors, adding up repeated contributions.
+struct DenseGrads {
+    shapes: Vec<Vec<usize>>,
+    grads: Mutex<Vec<Option<Tensor>>>,
+}
+
+impl DenseGrads {
+    fn accumulate(&self, param: usize, g: Tensor) -> candle_core::Result<()> {
+        let mut gs = self.grads.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = gs
+            .get_mut(param)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {param}")))?;
+        *slot = Some(match slot.take() {
+            Some(old) => (old + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+}
+
+impl GradSink for DenseGrads {
+    fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
+        self.accumulate(param, g.clone())
+    }
+
+    fn add_rows(&self, param: usize, rows: &[u32], g: &Tensor) -> candle_core::Result<()> {
+        let shape = self
+            .shapes
+            .get(param)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {param}")))?;
+        let idx = Tensor::new(rows, g.device())?;
+        let dense =
+            Tensor::zeros(shape.as_slice(), g.dtype(), g.device())?.index_add(&idx, g, 0)?;
+        self.accumulate(param, dense)
+    }
+}
+
 /// A layer's q/k/v bias parameter indices (qwen2), or `None`s.
 fn biases(li: &LayerIdx) -> (Option<usize>, Option<usize>, Option<usize>) {
     match li.bias {
@@ -294,13 +358,24 @@ mod tests {
             let got_loss = m.mean_nll_grads(&ids, &sink).unwrap();
             assert!((got_loss - loss.to_scalar::<f64>().unwrap()).abs() < 1e-12);
             let got = sink.grads.into_inner().unwrap();
-            for (p, g) in m.params.iter().zip(&got) {
+            let (dense_loss, dense) = m.mean_nll_and_grads(&ids).unwrap();
+            assert_eq!(dense_loss, got_loss);
+            for ((p, g), d) in m.params.iter().zip(&got).zip(&dense) {
                 let g = g
                     .as_ref()
                     .unwrap_or_else(|| panic!("{}: no gradient", p.name));
                 let w = want.get(p.var.as_tensor()).unwrap();
-                let d = max_abs_diff(g, w);
-                assert!(d < 1e-12, "{arch:?} tie {tie} {}: differs by {d}", p.name);
+                let diff = max_abs_diff(g, w);
+                assert!(
+                    diff < 1e-12,
+                    "{arch:?} tie {tie} {}: differs by {diff}",
+                    p.name
+                );
+                assert!(
+                    max_abs_diff(d.as_ref().unwrap(), w) < 1e-12,
+                    "{}: dense",
+                    p.name
+                );
             }
         }
     }

@@ -192,10 +192,6 @@ fn finished(out: &Path, fp: &str) -> Option<TrainReport> {
     serde_json::from_value(v["report"].clone()).ok()
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
 /// Trains `model` (f32) in place and writes the outputs under `out`: `eval.csv`/`eval.json`
 /// as training goes, checkpoints under `checkpoints/`, and at the end `train.json` and (with
 /// `save_model`) the final model.
@@ -304,13 +300,12 @@ pub fn train(
         let mut loss_sum = 0f64;
         for _ in 0..cfg.grad_accum {
             let ids = stream.next_batch(cfg.batch)?;
-            let loss = model.mean_nll(&ids)?;
-            loss_sum += scalar(&loss)?;
-            let grads = loss.backward()?;
-            for (a, p) in acc.iter_mut().zip(&model.params) {
-                if let Some(g) = grads.get(p.var.as_tensor()) {
+            let (loss, grads) = model.mean_nll_and_grads(&ids)?;
+            loss_sum += loss;
+            for (a, g) in acc.iter_mut().zip(grads) {
+                if let Some(g) = g {
                     *a = Some(match a.take() {
-                        None => g.clone(),
+                        None => g,
                         Some(prev) => (prev + g)?,
                     });
                 }
