@@ -1,45 +1,20 @@
-//! The hand-written backward (`Model::mean_nll_grads`, what `score` runs) against candle's
+//! The hand-written backward (`Model::mean_nll_and_grads`, what `train` runs; `score` runs
+//! the same backward into its f64 sums) against candle's
 //! autograd through the same kernels, on the real checkpoints in f32: SmolLM2 (tied head)
 //! and Qwen2.5-Coder (q/k/v biases, untied head), two windows of UDHR text.
 
 mod common;
 
-use broca::model::{GradSink, Model};
+use broca::model::Model;
 use candle_core::{DType, Device, Tensor};
-use std::sync::Mutex;
 
-/// Dense f64 gradients per parameter.
-struct Dense {
-    shapes: Vec<Vec<usize>>,
-    grads: Mutex<Vec<Option<Vec<f64>>>>,
-}
-
-impl Dense {
-    fn add_values(&self, param: usize, at: impl Fn(&mut [f64])) {
-        let mut gs = self.grads.lock().unwrap();
-        let n: usize = self.shapes[param].iter().product();
-        at(gs[param].get_or_insert_with(|| vec![0.0; n]));
-    }
-}
-
-impl GradSink for Dense {
-    fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
-        assert_eq!(g.dims(), self.shapes[param].as_slice(), "param {param}");
-        let v: Vec<f64> = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-        self.add_values(param, |s| s.iter_mut().zip(&v).for_each(|(s, v)| *s += v));
-        Ok(())
-    }
-    fn add_rows(&self, param: usize, rows: &[u32], g: &Tensor) -> candle_core::Result<()> {
-        let v: Vec<Vec<f64>> = g.to_dtype(DType::F64)?.to_vec2()?;
-        let cols = self.shapes[param][1];
-        self.add_values(param, |s| {
-            for (&r, row) in rows.iter().zip(&v) {
-                let dst = &mut s[r as usize * cols..(r as usize + 1) * cols];
-                dst.iter_mut().zip(row).for_each(|(d, x)| *d += x);
-            }
-        });
-        Ok(())
-    }
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn check(model: &Model) {
@@ -49,11 +24,7 @@ fn check(model: &Model) {
     let ids = Tensor::from_vec(ids[..96].to_vec(), (2, 48), &Device::Cpu).unwrap();
     let loss = model.mean_nll(&ids).unwrap();
     let want = loss.backward().unwrap();
-    let sink = Dense {
-        shapes: model.params.iter().map(|p| p.var.dims().to_vec()).collect(),
-        grads: Mutex::new(vec![None; model.params.len()]),
-    };
-    let got_loss = model.mean_nll_grads(&ids, &sink).unwrap();
+    let (got_loss, got) = model.mean_nll_and_grads(&ids).unwrap();
     let want_loss = loss
         .to_dtype(DType::F64)
         .unwrap()
@@ -63,20 +34,12 @@ fn check(model: &Model) {
         (got_loss - want_loss).abs() < 1e-5 * want_loss,
         "{got_loss} vs {want_loss}"
     );
-    let got = sink.grads.into_inner().unwrap();
     for (p, g) in model.params.iter().zip(&got) {
-        let g = g
-            .as_ref()
-            .unwrap_or_else(|| panic!("{}: no gradient", p.name));
-        let w: Vec<f64> = want
-            .get(p.var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g = f64s(
+            g.as_ref()
+                .unwrap_or_else(|| panic!("{}: no gradient", p.name)),
+        );
+        let w = f64s(want.get(p.var.as_tensor()).unwrap());
         let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
         let diff = g
             .iter()

@@ -145,38 +145,18 @@ impl Model {
     ) -> Result<(Tensor, Tape)> {
         let c = &self.config;
         let li = &self.layers[l];
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let eps = c.rms_eps;
-        let lin = |x: &Tensor, wi: usize, bi: Option<usize>| -> Result<Tensor> {
-            let y = fused::linear(x, &self.w(wi, false))?;
-            Ok(match bi {
-                Some(bi) => y.broadcast_add(&self.w(bi, false))?,
-                None => y,
-            })
-        };
-        let (qb, kb, vb) = biases(li);
+        let (nh, hd, eps) = (c.num_heads, c.head_dim, c.rms_eps);
+        // the inference forward (detached weights), keeping what the backward reads
+        let lin = |x: &Tensor, wi: usize| self.linear_bias(x, wi, None, false);
         let hn1 = fused::rms_norm(x, &self.w(li.input_norm, false), eps)?;
-        let q = fused::rope_transposed(
-            &lin(&hn1, li.q, qb)?.reshape((b, t, nh, hd))?,
-            &ctx.cos,
-            &ctx.sin,
-        )?;
-        let k = fused::rope_transposed(
-            &lin(&hn1, li.k, kb)?.reshape((b, t, nkv, hd))?,
-            &ctx.cos,
-            &ctx.sin,
-        )?;
-        let v = lin(&hn1, li.v, vb)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (q, k, v) = self.qkv(li, &hn1, ctx, b, t, false)?;
         let a = fused::causal_attention_blocked(&q, &k, &v)?;
-        let x_mid = (x + lin(&a.reshape((b * t, nh * hd))?, li.o, None)?)?;
+        let x_mid = (x + lin(&a.reshape((b * t, nh * hd))?, li.o)?)?;
         let hn2 = fused::rms_norm(&x_mid, &self.w(li.post_norm, false), eps)?;
-        let g = lin(&hn2, li.gate, None)?;
-        let u = lin(&hn2, li.up, None)?;
+        let g = lin(&hn2, li.gate)?;
+        let u = lin(&hn2, li.up)?;
         let act = fused::swiglu(&g, &u)?;
-        let out = (&x_mid + lin(&act, li.down, None)?)?;
+        let out = (&x_mid + lin(&act, li.down)?)?;
         let tape = Tape {
             x: x.clone(),
             hn1,

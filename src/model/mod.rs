@@ -319,6 +319,55 @@ impl Model {
         })
     }
 
+    /// `x · Wᵀ` for weight parameter `wi`, plus bias parameter `bi` when given.
+    fn linear_bias(&self, x: &Tensor, wi: usize, bi: Option<usize>, grad: bool) -> Result<Tensor> {
+        let y = self.linear(x, wi, grad)?;
+        Ok(match bi {
+            Some(bi) => y.broadcast_add(&self.w(bi, grad))?,
+            None => y,
+        })
+    }
+
+    /// From a layer's normed input `hn` `[b·t, hidden]`: rotated queries `[b, heads, t, d]`,
+    /// rotated keys and values `[b, kv, t, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv(
+        &self,
+        li: &LayerIdx,
+        hn: &Tensor,
+        ctx: &AttnContext,
+        b: usize,
+        t: usize,
+        grad: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qb, kb, vb) = match li.bias {
+            Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+            None => (None, None, None),
+        };
+        let q = fused::rope_transposed(
+            &self
+                .linear_bias(hn, li.q, qb, grad)?
+                .reshape((b, t, nh, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let k = fused::rope_transposed(
+            &self
+                .linear_bias(hn, li.k, kb, grad)?
+                .reshape((b, t, nkv, hd))?,
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let v = self
+            .linear_bias(hn, li.v, vb, grad)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((q, k, v))
+    }
+
     fn layer_full(
         &self,
         l: usize,
@@ -333,33 +382,9 @@ impl Model {
         let (b, t, h) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let rep = nh / nkv;
-        let lin = |x: &Tensor, wi: usize, bi: Option<usize>| -> Result<Tensor> {
-            let y = self.linear(x, wi, grad)?;
-            Ok(match bi {
-                Some(bi) => y.broadcast_add(&self.w(bi, grad))?,
-                None => y,
-            })
-        };
+        let lin = |x: &Tensor, wi: usize| self.linear_bias(x, wi, None, grad);
         let hn = self.norm(x, li.input_norm, norms.input, grad)?;
-        let hn = hn.reshape((b * t, h))?;
-        let (qb, kb, vb) = match li.bias {
-            Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-            None => (None, None, None),
-        };
-        let q = fused::rope_transposed(
-            &lin(&hn, li.q, qb)?.reshape((b, t, nh, hd))?,
-            &ctx.cos,
-            &ctx.sin,
-        )?;
-        let k = fused::rope_transposed(
-            &lin(&hn, li.k, kb)?.reshape((b, t, nkv, hd))?,
-            &ctx.cos,
-            &ctx.sin,
-        )?;
-        let v = lin(&hn, li.v, vb)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (q, k, v) = self.qkv(li, &hn.reshape((b * t, h))?, ctx, b, t, grad)?;
         let a = if fused::use_fused(&q) {
             // blocked kernel: causal half only, output already [b, t, nh, hd]
             fused::causal_attention_blocked(&q, &k, &v)?.reshape((b * t, nh * hd))?
@@ -372,15 +397,15 @@ impl Model {
                 .contiguous()?
                 .reshape((b * t, nh * hd))?
         };
-        let x = (x + lin(&a, li.o, None)?.reshape((b, t, h))?)?;
+        let x = (x + lin(&a, li.o)?.reshape((b, t, h))?)?;
         let hn = self
             .norm(&x, li.post_norm, norms.post, grad)?
             .reshape((b * t, h))?;
-        let g = lin(&hn, li.gate, None)?;
-        let u = lin(&hn, li.up, None)?;
+        let g = lin(&hn, li.gate)?;
+        let u = lin(&hn, li.up)?;
         let act = fused::swiglu(&g, &u)?;
         probe("mlp.down_proj.input", &act)?;
-        let m = lin(&act, li.down, None)?;
+        let m = lin(&act, li.down)?;
         probe("mlp.down_proj.output", &m)?;
         Ok((x + m.reshape((b, t, h))?)?)
     }
