@@ -8,7 +8,7 @@
 //! `score`, where the backward is most of the work.
 
 use super::fused::{self, GradSink};
-use super::{AttnContext, LayerIdx, Model};
+use super::{AttnContext, Model};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::sync::Mutex;
@@ -220,7 +220,7 @@ impl Model {
         let dk =
             fused::rope_transposed_backward(&dk, &ctx.cos, &ctx.sin)?.reshape((n, nkv * hd))?;
         let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, nkv * hd))?;
-        let (qb, kb, vb) = biases(li);
+        let (qb, kb, vb) = li.biases();
         for (bi, d) in [(qb, &dq), (kb, &dk), (vb, &dv)] {
             if let Some(bi) = bi {
                 sink.add(bi, &d.sum(0)?)?;
@@ -269,14 +269,6 @@ impl GradSink for DenseGrads {
         let dense =
             Tensor::zeros(shape.as_slice(), g.dtype(), g.device())?.index_add(&idx, g, 0)?;
         self.accumulate(param, dense)
-    }
-}
-
-/// A layer's q/k/v bias parameter indices (qwen2), or `None`s.
-fn biases(li: &LayerIdx) -> (Option<usize>, Option<usize>, Option<usize>) {
-    match li.bias {
-        Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-        None => (None, None, None),
     }
 }
 

@@ -40,6 +40,16 @@ struct LayerIdx {
     down: usize,
 }
 
+impl LayerIdx {
+    /// The q/k/v bias parameter indices (qwen2), or `None`s.
+    fn biases(&self) -> (Option<usize>, Option<usize>, Option<usize>) {
+        match self.bias {
+            Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+            None => (None, None, None),
+        }
+    }
+}
+
 /// A loaded model: configuration, parameters (HF names, HF layout), tokenizer.
 pub struct Model {
     pub config: Config,
@@ -342,10 +352,7 @@ impl Model {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let (qb, kb, vb) = match li.bias {
-            Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-            None => (None, None, None),
-        };
+        let (qb, kb, vb) = li.biases();
         let q = fused::rope_transposed(
             &self
                 .linear_bias(hn, li.q, qb, grad)?

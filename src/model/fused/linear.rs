@@ -87,10 +87,10 @@ impl CustomOp2 for SinkLinear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dw = dy.apply_op2_no_bwd(x, &Mm::TransA)?;
+        let dw = linear_backward_weight(&dy, x)?;
         self.sink.add(self.param, &dw)?;
         drop(dw);
-        Ok((Some(dy.apply_op2_no_bwd(w, &Mm::Plain)?), None))
+        Ok((Some(linear_backward_input(&dy, w)?), None))
     }
 }
 
@@ -245,11 +245,11 @@ impl CustomOp2 for Mm {
         // only what the graph needs: no weight gradient for a detached weight
         let dy = dy.contiguous()?;
         let dx = match x.track_op() {
-            true => Some(dy.apply_op2_no_bwd(w, &Mm::Plain)?),
+            true => Some(linear_backward_input(&dy, w)?),
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(dy.apply_op2_no_bwd(x, &Mm::TransA)?),
+            true => Some(linear_backward_weight(&dy, x)?),
             false => None,
         };
         Ok((dx, dw))
