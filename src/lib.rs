@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod mask;
+pub mod memory;
 pub mod model;
 pub mod perturb;
 pub mod region;

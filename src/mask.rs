@@ -116,8 +116,8 @@ pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
                 "mask tensor {n} is not a parameter of this model (a mask made for another model?)"
             );
         };
-        if v.dims() != t.dims() {
-            bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.dims(), v.dims());
+        if v.shape != t.dims() {
+            bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.dims(), v.shape);
         }
     }
     Ok(())

@@ -20,6 +20,8 @@ pub enum Data<'a> {
     TensorF32(Tensor),
     F32(&'a [f32]),
     F64(&'a [f64]),
+    /// Values made only when written (one tensor at a time), stored as F32 or BF16.
+    Lazy(Dtype, Box<dyn Fn() -> Result<Tensor> + 'a>),
 }
 
 /// One tensor to write.
@@ -58,6 +60,7 @@ impl<'a> Entry<'a> {
             },
             Data::TensorF32(_) | Data::F32(_) => Dtype::F32,
             Data::F64(_) => Dtype::F64,
+            Data::Lazy(d, _) => *d,
         }
     }
 
@@ -84,6 +87,27 @@ impl<'a> Entry<'a> {
             Data::Tensor(t) | Data::TensorF32(t) => {
                 let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 write_le(w, &v, |v| v.to_le_bytes())
+            }
+            Data::Lazy(d, make) => {
+                let t = make()?.flatten_all()?;
+                if t.elem_count() != self.numel() {
+                    bail!(
+                        "tensor {}: {} values for shape {:?}",
+                        self.name,
+                        t.elem_count(),
+                        self.shape
+                    );
+                }
+                match d {
+                    Dtype::BF16 => {
+                        let v = t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?;
+                        write_le(w, &v, |v| v.to_le_bytes())
+                    }
+                    _ => {
+                        let v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        write_le(w, &v, |v| v.to_le_bytes())
+                    }
+                }
             }
         }
     }
@@ -145,6 +169,7 @@ pub fn write(
             Data::F32(x) => x.len(),
             Data::F64(x) => x.len(),
             Data::Tensor(t) | Data::TensorF32(t) => t.elem_count(),
+            Data::Lazy(..) => e.numel(),
         };
         if len != e.numel() {
             bail!(

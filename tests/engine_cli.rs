@@ -140,7 +140,7 @@ fn tiny_checkpoint(
     let ckpt = dir.join("ckpt");
     let model = Model::random(Config::tiny(Arch::Llama), DType::F32, 3).unwrap();
     model.save_hf(&ckpt).unwrap();
-    let mut tensors = model.named_tensors();
+    let mut tensors = model.named_tensors().unwrap();
     edit(&mut tensors);
     broca::model::hf::save_safetensors(&ckpt.join("model.safetensors"), &tensors, None).unwrap();
     ckpt

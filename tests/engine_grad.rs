@@ -32,7 +32,7 @@ fn check_gradients(arch: Arch, seed: u64) {
     let mut checked = 0;
     for p in &model.params {
         let g: Vec<f64> = grads
-            .get(p.var.as_tensor())
+            .get(p.var().unwrap().as_tensor())
             .unwrap_or_else(|| panic!("{}: no gradient", p.name))
             .flatten_all()
             .unwrap()
@@ -53,15 +53,17 @@ fn check_gradients(arch: Arch, seed: u64) {
             entries.push(big[rng.gen_range(0..big.len())]);
         }
         let original = p
-            .var
+            .var()
+            .unwrap()
             .as_tensor()
             .flatten_all()
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let shape = p.var.shape().clone();
+        let shape = p.var().unwrap().shape().clone();
         let at = |w: &[f64]| {
-            p.var
+            p.var()
+                .unwrap()
                 .set(
                     &Tensor::from_vec(w.to_vec(), shape.clone(), &candle_core::Device::Cpu)
                         .unwrap(),

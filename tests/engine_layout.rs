@@ -37,7 +37,14 @@ fn smollm2_q_k_are_unpermuted_gguf_tensors() {
                 .to_vec2()
                 .unwrap();
             let name = format!("model.layers.{l}.self_attn.{w}_proj.weight");
-            let loaded: Vec<Vec<f32>> = model.param(&name).unwrap().as_tensor().to_vec2().unwrap();
+            let loaded: Vec<Vec<f32>> = model
+                .param(&name)
+                .unwrap()
+                .var()
+                .unwrap()
+                .as_tensor()
+                .to_vec2()
+                .unwrap();
             assert_eq!(raw.len(), heads * c.head_dim, "{name}: rows");
             assert!(
                 loaded == unpermute_by_loops(&raw, heads),

@@ -120,7 +120,7 @@ fn perturb_save_writes_only_the_region_changed() {
     let ckpt = tmp.path().join("base");
     let model = tiny_checkpoint(&ckpt);
     let name = "model.layers.1.mlp.down_proj.weight";
-    let dims = model.param(name).unwrap().dims().to_vec();
+    let dims = model.param(name).unwrap().shape.clone();
     let mut m = vec![0u8; dims.iter().product()];
     for i in [0usize, 7, 100] {
         m[i] = 1;
@@ -147,9 +147,18 @@ fn perturb_save_writes_only_the_region_changed() {
     assert_eq!(code, 0, "{stderr}");
     let saved = Model::load(&out).unwrap();
     for p in &model.params {
-        let a: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = p
+            .var()
+            .unwrap()
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let b: Vec<f32> = saved
             .param(&p.name)
+            .unwrap()
+            .var()
             .unwrap()
             .as_tensor()
             .flatten_all()
@@ -178,7 +187,7 @@ fn ablate_json_has_the_contract_shape_and_labels() {
     let mut mask = Mask::new();
     let mut scores = Vec::new();
     for (k, n) in names.iter().enumerate() {
-        let d = model.param(n).unwrap().dims().to_vec();
+        let d = model.param(n).unwrap().shape.clone();
         let numel: usize = d.iter().product();
         let m: Vec<u8> = (0..numel).map(|i| (i % 97 == k) as u8).collect();
         mask.insert(

@@ -130,9 +130,15 @@ fn norm_gradient_matches_finite_differences() {
         NormSite::Final,
     ] {
         let g = dims::norm_gradient(&model, site, &texts).unwrap();
-        let w =
-            broca::perturb::ops::values_f64(model.param(&site.param_name()).unwrap().as_tensor())
-                .unwrap();
+        let w = broca::perturb::ops::values_f64(
+            model
+                .param(&site.param_name())
+                .unwrap()
+                .var()
+                .unwrap()
+                .as_tensor(),
+        )
+        .unwrap();
         let eps = 1e-5;
         let ds: Vec<usize> = (0..16).collect();
         let plus: Vec<f64> = ds.iter().map(|&d| w[d] + eps).collect();

@@ -18,7 +18,7 @@ fn bits(model: &Model) -> Vec<(String, Vec<u64>)> {
         .params
         .iter()
         .map(|p| {
-            let t = p.var.as_tensor().flatten_all().unwrap();
+            let t = p.var().unwrap().as_tensor().flatten_all().unwrap();
             let b = match t.dtype() {
                 DType::F32 => t
                     .to_vec1::<f32>()
@@ -50,12 +50,12 @@ fn random_mask(model: &Model, seed: u64) -> Mask {
         {
             continue;
         }
-        let v: Vec<u8> = (0..p.var.elem_count())
+        let v: Vec<u8> = (0..p.var().unwrap().elem_count())
             .map(|_| (rng.gen::<f64>() < 0.2) as u8)
             .collect();
         m.insert(
             p.name.clone(),
-            Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap(),
+            Tensor::from_vec(v, p.var().unwrap().dims(), &Device::Cpu).unwrap(),
         );
     }
     m
@@ -120,17 +120,17 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
 fn zero_and_scale_set_the_expected_values() {
     let model = tiny(DType::F64);
     let name = "model.layers.0.self_attn.q_proj.weight";
-    let w = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
+    let w = ops::values_f64(model.param(name).unwrap().var().unwrap().as_tensor()).unwrap();
     let mask = ops::entries_mask(&model, name, &[0, 5, 17]).unwrap();
     let s = ops::apply(&model, &mask, &"scale:4".parse().unwrap(), 0).unwrap();
-    let v = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
+    let v = ops::values_f64(model.param(name).unwrap().var().unwrap().as_tensor()).unwrap();
     assert_eq!(
         (v[0], v[5], v[17], v[1]),
         (w[0] * 4.0, w[5] * 4.0, w[17] * 4.0, w[1])
     );
     ops::restore(&model, s).unwrap();
     let s = ops::apply(&model, &mask, &Op::Zero, 0).unwrap();
-    let v = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
+    let v = ops::values_f64(model.param(name).unwrap().var().unwrap().as_tensor()).unwrap();
     assert_eq!((v[0], v[5], v[17], v[2]), (0.0, 0.0, 0.0, w[2]));
     ops::restore(&model, s).unwrap();
 }
@@ -140,13 +140,13 @@ fn seeded_randomize_is_reproducible_and_matches_the_tensor_statistics() {
     let model = tiny(DType::F64);
     let name = "model.layers.1.mlp.up_proj.weight";
     let n = model.param(name).unwrap().elem_count();
-    let w = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
+    let w = ops::values_f64(model.param(name).unwrap().var().unwrap().as_tensor()).unwrap();
     let (m0, s0) = ops::mean_std(&w);
     let all: Vec<usize> = (0..n).collect();
     let mask = ops::entries_mask(&model, name, &all).unwrap();
     let draw = |op: &Op, seed: u64| {
         let s = ops::apply(&model, &mask, op, seed).unwrap();
-        let v = ops::values_f64(model.param(name).unwrap().as_tensor()).unwrap();
+        let v = ops::values_f64(model.param(name).unwrap().var().unwrap().as_tensor()).unwrap();
         ops::restore(&model, s).unwrap();
         v
     };
@@ -202,7 +202,7 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
         let mut ts = Vec::new();
         for p in &model.params {
             // coarse values so that ties occur
-            let v: Vec<f32> = (0..p.var.elem_count())
+            let v: Vec<f32> = (0..p.var().unwrap().elem_count())
                 .map(|_| rng.gen_range(-3i32..=3) as f32)
                 .collect();
             let acc = sum
@@ -211,9 +211,9 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
             acc.iter_mut().zip(&v).for_each(|(a, x)| *a += x.abs());
             ts.push((
                 p.name.clone(),
-                Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap(),
+                Tensor::from_vec(v, p.var().unwrap().dims(), &Device::Cpu).unwrap(),
             ));
-            shapes.insert(p.name.clone(), p.var.dims().to_vec());
+            shapes.insert(p.name.clone(), p.var().unwrap().dims().to_vec());
         }
         let path = dir.path().join(format!("l{f}.safetensors"));
         broca::model::hf::save_safetensors(&path, &ts, None).unwrap();

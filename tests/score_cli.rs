@@ -274,7 +274,7 @@ fn tiny_pair(dir: &Path, arch: Arch) -> (PathBuf, PathBuf, Vec<(String, usize, f
         ("model.norm.weight".to_string(), 2, 4.0),
     ];
     for (name, i, delta) in &changes {
-        let var = model.param(name).unwrap();
+        let var = model.param(name).unwrap().var().unwrap();
         let mut v = f32s(var.as_tensor());
         v[*i] += *delta as f32;
         var.set(&Tensor::from_vec(v, var.dims(), var.device()).unwrap())
@@ -329,7 +329,7 @@ fn diff_scores_are_the_weight_change() {
         ("zh", "diff-relative")
     );
     for p in &base.params {
-        let theta = f32s(p.var.as_tensor());
+        let theta = f32s(p.var().unwrap().as_tensor());
         let (dv, rv) = (f32s(&d.tensors[&p.name]), f32s(&r.tensors[&p.name]));
         for i in 0..theta.len() {
             let delta = changes
@@ -393,7 +393,7 @@ fn diff_of_smollm2_against_an_edited_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let model = Model::load(&model_path).unwrap();
     let name = "model.layers.3.mlp.up_proj.weight";
-    let var = model.param(name).unwrap();
+    let var = model.param(name).unwrap().var().unwrap();
     let mut v = f32s(var.as_tensor());
     let old = v[1000];
     v[1000] = old + 0.5;

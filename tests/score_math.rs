@@ -3,6 +3,7 @@
 
 use broca::model::{Arch, Config, Model};
 use broca::score::accumulate::importance;
+use broca::score::plan::Include;
 use broca::score::run::{self, Job, Options};
 use broca::score::windows::{windows, Shard};
 use candle_core::{DType, Tensor};
@@ -32,6 +33,8 @@ fn values(model: &Model, name: &str) -> Vec<f64> {
     model
         .param(name)
         .unwrap()
+        .var()
+        .unwrap()
         .as_tensor()
         .flatten_all()
         .unwrap()
@@ -40,7 +43,7 @@ fn values(model: &Model, name: &str) -> Vec<f64> {
 }
 
 fn set_entry(model: &Model, name: &str, idx: usize, value: f64) {
-    let var = model.param(name).unwrap();
+    let var = model.param(name).unwrap().var().unwrap();
     let mut v = values(model, name);
     v[idx] = value;
     var.set(&Tensor::from_vec(v, var.dims(), var.device()).unwrap())
@@ -146,6 +149,8 @@ fn opts(batch: usize, shard: Option<Shard>) -> Options {
         checkpoint_secs: 1e9,
         checkpoint_windows: Some(1),
         stop_after_windows: None,
+        include: Include::All,
+        ..Default::default()
     }
 }
 

@@ -17,7 +17,7 @@ fn random_mask(model: &Model, frac: f64, full: &[&str], seed: u64) -> Mask {
         if i % 3 == 2 {
             continue; // some tensors carry no mask at all
         }
-        let n = p.var.elem_count();
+        let n = p.var().unwrap().elem_count();
         let v: Vec<u8> = if full.contains(&p.name.as_str()) {
             vec![1; n]
         } else {
@@ -25,7 +25,7 @@ fn random_mask(model: &Model, frac: f64, full: &[&str], seed: u64) -> Mask {
         };
         m.insert(
             p.name.clone(),
-            Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap(),
+            Tensor::from_vec(v, p.var().unwrap().dims(), &Device::Cpu).unwrap(),
         );
     }
     m
@@ -49,7 +49,8 @@ fn bits(model: &Model) -> HashMap<String, Vec<u32>> {
         .map(|p| {
             (
                 p.name.clone(),
-                p.var
+                p.var()
+                    .unwrap()
                     .as_tensor()
                     .flatten_all()
                     .unwrap()
@@ -111,7 +112,7 @@ fn frozen_elements_are_bitwise_unchanged_after_20_steps() {
     let after = bits(&model);
     let (mut frozen, mut moved, mut free) = (0usize, 0usize, 0usize);
     for p in &model.params {
-        let f = flags(&mask, &p.name, p.var.elem_count());
+        let f = flags(&mask, &p.name, p.var().unwrap().elem_count());
         let (b, a) = (&before[&p.name], &after[&p.name]);
         for i in 0..b.len() {
             if f[i] != 0 {
@@ -196,7 +197,15 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
     let init: Vec<Vec<f64>> = model
         .params
         .iter()
-        .map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .map(|p| {
+            p.var()
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect();
     let mut rw = init.clone();
     let mut rm: Vec<Vec<f64>> = init.iter().map(|w| vec![0.0; w.len()]).collect();
@@ -204,7 +213,7 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
     let fr: Vec<Vec<u8>> = model
         .params
         .iter()
-        .map(|p| flags(&mask, &p.name, p.var.elem_count()))
+        .map(|p| flags(&mask, &p.name, p.var().unwrap().elem_count()))
         .collect();
     let mut clipped = 0;
     for step in 0..10 {
@@ -219,7 +228,7 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
         let g: Vec<Option<Tensor>> = model
             .params
             .iter()
-            .map(|p| grads.get(p.var.as_tensor()).cloned())
+            .map(|p| grads.get(p.var().unwrap().as_tensor()).cloned())
             .collect();
         let lr = train::lr_at(step, 10, 3, 2e-2, Schedule::Cosine);
         let gs: Vec<Vec<f64>> = g
@@ -275,7 +284,14 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
     );
     let (mut worst, mut max_move) = (0f64, 0f64);
     for (i, p) in model.params.iter().enumerate() {
-        let w: Vec<f64> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f64> = p
+            .var()
+            .unwrap()
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for j in 0..w.len() {
             if fr[i][j] != 0 {
                 assert_eq!(

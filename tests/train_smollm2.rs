@@ -92,7 +92,14 @@ fn smollm2_loss_falls_and_saved_model_gives_same_ppl() {
         m.params
             .iter()
             .map(|p| {
-                let v: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let v: Vec<f32> = p
+                    .var()
+                    .unwrap()
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let mut h = Sha256::new();
                 v.iter().for_each(|x| h.update(x.to_bits().to_le_bytes()));
                 (p.name.clone(), h.finalize().to_vec())

@@ -94,8 +94,12 @@ pub struct MonoArgs {
 #[derive(Args, Debug)]
 pub struct RandomArgs {
     /// The mask whose per-tensor counts to copy.
-    #[arg(long)]
-    pub like: PathBuf,
+    #[arg(long, required_unless_present = "k", conflicts_with = "k")]
+    pub like: Option<PathBuf>,
+    /// Without --like: select floor(k · numel) entries of every model.layers.* tensor of
+    /// --model (its shapes alone; no weights are read).
+    #[arg(long, requires = "model")]
+    pub k: Option<f64>,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -249,9 +253,21 @@ fn mono(a: MonoArgs) -> Result<()> {
 }
 
 fn random(a: RandomArgs) -> Result<()> {
-    let like = load_mask(&a.like, a.model.as_deref())?;
-    let r = region::random::random_like(&like, a.seed);
-    let how = json!({"method": "random", "like": a.like, "seed": a.seed});
+    let (r, how) = match (&a.like, a.k, &a.model) {
+        (Some(like), _, model) => {
+            let like_mask = load_mask(like, model.as_deref())?;
+            let r = region::random::random_like(&like_mask, a.seed);
+            (r, json!({"method": "random", "like": like, "seed": a.seed}))
+        }
+        (None, Some(k), Some(model)) => {
+            region::check_fraction(k)?;
+            let shapes = crate::mask::model_shapes(model)?;
+            let r = region::random::random_fraction(&shapes, k, a.seed, Coverage::Layers);
+            let how = json!({"method": "random", "k": k, "model": model, "seed": a.seed, "include": "layers"});
+            (r, how)
+        }
+        _ => bail!("--like MASK, or --k F with --model PATH, is required"),
+    };
     finish(&a.out, &r, how, a.json)
 }
 

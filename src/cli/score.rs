@@ -3,7 +3,10 @@
 
 use super::progress::bar;
 use crate::data;
+use crate::memory;
 use crate::model::Model;
+use crate::score::files::Store;
+use crate::score::plan::{self, Include};
 use crate::score::{self, run, windows};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -57,6 +60,21 @@ pub struct RunArgs {
     /// Tests: exit with an error after K windows of this call, without saving (simulates a kill).
     #[arg(long, hide = true)]
     pub stop_after_windows: Option<usize>,
+    /// Which parameters get scores: `layers` (the model.layers.* tensors regions use) or
+    /// `all` (also embeddings, final norm, lm_head).
+    #[arg(long, default_value = "layers")]
+    pub include: String,
+    /// Score only layers A-B (inclusive) in one pass, as a partial for `score merge`
+    /// (one job of a layer-split run, e.g. a Slurm array task).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Memory budget (e.g. 16G, 800M); passes over layer groups are planned to stay under
+    /// it. Default: 80% of the available memory (cgroup and address-space limits included).
+    #[arg(long)]
+    pub mem_limit: Option<String>,
+    /// How scores are stored: f32 or bf16 (metadata `dtype`).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Output folder: DIR/<lang>.safetensors per language.
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
@@ -138,6 +156,9 @@ fn score(a: RunArgs) -> Result<()> {
     if a.tokens.is_some_and(|n| n < 2) {
         bail!("--tokens must be at least 2");
     }
+    let include: Include = a.include.parse()?;
+    let dtype = Store::parse_score_dtype(&a.dtype)?;
+    let limit = memory::limit_or_default(a.mem_limit.as_deref())?;
     let inputs = a.inputs.gather(None)?;
     let mut texts = Vec::new();
     for t in &inputs {
@@ -156,6 +177,13 @@ fn score(a: RunArgs) -> Result<()> {
         ids.push(v);
     }
     drop(texts);
+    let forced = a
+        .layers
+        .as_deref()
+        .map(|s| plan::parse_layers(s, model.config.num_layers))
+        .transpose()?;
+    let passes = plan::plan(&model, include, forced, a.batch, a.seq_len, limit)?;
+    eprintln!("score: {}", passes.plan);
     let opts = run::Options {
         seq_len: a.seq_len,
         batch: a.batch,
@@ -163,6 +191,10 @@ fn score(a: RunArgs) -> Result<()> {
         checkpoint_secs: a.checkpoint_secs,
         checkpoint_windows: a.checkpoint_windows,
         stop_after_windows: a.stop_after_windows,
+        include,
+        forced_layers: forced.is_some(),
+        dtype,
+        groups: passes.groups.clone(),
     };
     let total: usize = ids
         .iter()
@@ -172,7 +204,7 @@ fn score(a: RunArgs) -> Result<()> {
             Ok(w[r].iter().map(|x| x.len()).sum())
         })
         .sum::<Result<usize>>()?;
-    let pb = bar(total as u64, "score", "tok");
+    let pb = bar((total * opts.groups.len()) as u64, "score", "tok");
     let job = run::Job {
         model: &model,
         model_sha256: &sha,

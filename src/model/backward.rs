@@ -9,7 +9,7 @@
 
 use super::fused::{self, GradSink};
 use super::{AttnContext, Model};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::sync::Mutex;
 
@@ -36,14 +36,31 @@ struct Tape {
 impl Model {
     /// Whether [`Model::mean_nll_grads`] can run (the fused CPU kernels are in use).
     pub fn has_manual_backward(&self) -> bool {
-        let w = self.params[self.embed].var.as_tensor();
-        fused::use_fused(w) && matches!(w.dtype(), DType::F32 | DType::F64)
+        let on_cpu = self.params.iter().all(|p| match &p.weight {
+            super::Weight::Dense(v) => v.device().is_cpu(),
+            super::Weight::Mapped(_) => true,
+        });
+        on_cpu && fused::fused_enabled() && matches!(self.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// The lowest layer the backward must reach for `sink`: the lowest with a wanted
+    /// parameter, 0 when the embedding is wanted, `num_layers` when none is.
+    fn lowest_wanted_layer(&self, sink: &dyn GradSink) -> usize {
+        if sink.wants(self.embed) {
+            return 0;
+        }
+        (0..self.config.num_layers)
+            .find(|&l| self.layer_params(l).into_iter().any(|i| sink.wants(i)))
+            .unwrap_or(self.config.num_layers)
     }
 
     /// Mean NLL over all predicted tokens of `ids` `[b, t]` (as [`Model::mean_nll`]), with
-    /// the gradient of every parameter sent to `sink`: linear weights, norms and biases
-    /// through [`GradSink::add`], the embedding's rows through [`GradSink::add_rows`] (with
-    /// tied embeddings the output projection's part arrives through `add` as well).
+    /// the gradient of every parameter `sink` wants sent to it: linear weights, norms and
+    /// biases through [`GradSink::add`], the embedding's rows through [`GradSink::add_rows`]
+    /// (with tied embeddings the output projection's part arrives through `add` as well; a
+    /// mapped output projection sends its gradient block by block through `add_rows`). The
+    /// forward keeps activations only for the layers the backward visits, and the backward
+    /// stops at the lowest layer with a wanted parameter.
     pub fn mean_nll_grads(&self, ids: &Tensor, sink: &dyn GradSink) -> Result<f64> {
         if !self.has_manual_backward() {
             bail!("the manual backward needs the fused CPU kernels (f32 or f64)");
@@ -57,10 +74,17 @@ impl Model {
         let ctx = self.attn_context(t)?;
         let flat_ids = ids.flatten_all()?;
 
-        // forward, keeping the tape
-        let mut x = self.w(self.embed, false).index_select(&flat_ids, 0)?;
-        let mut tapes = Vec::with_capacity(c.num_layers);
+        let lowest = self.lowest_wanted_layer(sink);
+        // forward, keeping the tape from the lowest wanted layer on
+        let mut x = self.rows_of(self.embed, &flat_ids, false)?;
+        let mut tapes = Vec::with_capacity(c.num_layers - lowest);
         for l in 0..c.num_layers {
+            if l < lowest {
+                x = self
+                    .layer(l, &x.reshape((b, t, h))?, &ctx, false)?
+                    .reshape((b * t, h))?;
+                continue;
+            }
             let (next, tape) = self.layer_taped(l, &x, &ctx, b, t)?;
             tapes.push(tape);
             x = next;
@@ -69,10 +93,9 @@ impl Model {
         let xs = x.reshape((b, t, h))?.narrow(1, 0, t - 1)?.contiguous()?;
         let xs = xs.reshape((b * (t - 1), h))?;
         let eps = c.rms_eps;
-        let wf = self.w(self.final_norm, false);
+        let wf = self.w(self.final_norm, false)?;
         let xn = fused::rms_norm(&xs, &wf, eps)?;
-        let head = self.w(self.lm_head, false);
-        let logits = fused::linear(&xn, &head)?;
+        let logits = self.head_linear(&xn, false)?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
         let nll = fused::token_nll(&logits, &targets)?;
         let count = nll.elem_count();
@@ -83,15 +106,19 @@ impl Model {
             .to_dtype(nll.dtype())?;
         let dlogits = fused::token_nll_backward(&logits, &targets, &nll, &d)?;
         drop(logits);
-        sink.add(self.lm_head, &fused::linear_backward_weight(&dlogits, &xn)?)?;
-        let dxn = fused::linear_backward_input(&dlogits, &head)?;
+        if lowest == c.num_layers && !sink.wants(self.final_norm) && !sink.wants(self.lm_head) {
+            return Ok(loss);
+        }
+        let dxn = self.head_backward(&dlogits, &xn, sink)?;
         drop(dlogits);
         let (dxs, dwf) = fused::rms_norm_backward(&xs, &wf, eps, &dxn)?;
-        sink.add(self.final_norm, &dwf)?;
+        if sink.wants(self.final_norm) {
+            sink.add(self.final_norm, &dwf)?;
+        }
         // the last position of each window predicts nothing: zero gradient there
         let zero = Tensor::zeros((b, 1, h), dxs.dtype(), dxs.device())?;
         let mut dx = Tensor::cat(&[&dxs.reshape((b, t - 1, h))?, &zero], 1)?.reshape((b * t, h))?;
-        for l in (0..c.num_layers).rev() {
+        for l in (lowest..c.num_layers).rev() {
             dx = self.layer_backward(
                 l,
                 tapes.pop().expect("one tape per layer"),
@@ -102,9 +129,61 @@ impl Model {
                 sink,
             )?;
         }
-        let rows: Vec<u32> = flat_ids.to_vec1()?;
-        sink.add_rows(self.embed, &rows, &dx)?;
+        if lowest == 0 && sink.wants(self.embed) {
+            let rows: Vec<u32> = flat_ids.to_vec1()?;
+            sink.add_rows(self.embed, &rows, &dx)?;
+        }
         Ok(loss)
+    }
+
+    /// The output projection's backward: its weight gradient to `sink` (when wanted) and
+    /// the gradient of its input `xn` `[n, hidden]` returned, block by block as the forward
+    /// ran it ([`Model::head_blocks`], the same for dense and mapped weights, so both give
+    /// the same bits).
+    fn head_backward(&self, dlogits: &Tensor, xn: &Tensor, sink: &dyn GradSink) -> Result<Tensor> {
+        let i = self.lm_head;
+        let want = sink.wants(i);
+        let blocks = self.head_blocks();
+        if blocks.len() == 1 {
+            if want {
+                sink.add(i, &fused::linear_backward_weight(dlogits, xn)?)?;
+            }
+            return Ok(fused::linear_backward_input(dlogits, &self.w(i, false)?)?);
+        }
+        let mut dxn: Option<Tensor> = None;
+        for r in blocks {
+            let dl = dlogits.narrow(1, r.start, r.len())?.contiguous()?;
+            if want {
+                let rows: Vec<u32> = (r.start as u32..r.end as u32).collect();
+                sink.add_rows(i, &rows, &fused::linear_backward_weight(&dl, xn)?)?;
+            }
+            let part = fused::linear_backward_input(&dl, &self.head_block(r)?)?;
+            dxn = Some(match dxn {
+                None => part,
+                Some(acc) => (acc + part)?,
+            });
+        }
+        dxn.context("the output projection has no rows")
+    }
+
+    /// Every parameter index of layer `l`.
+    pub(crate) fn layer_params(&self, l: usize) -> Vec<usize> {
+        let li = &self.layers[l];
+        let mut v = vec![
+            li.input_norm,
+            li.q,
+            li.k,
+            li.v,
+            li.o,
+            li.post_norm,
+            li.gate,
+            li.up,
+            li.down,
+        ];
+        if let Some((q, k, v2)) = li.bias {
+            v.extend([q, k, v2]);
+        }
+        v
     }
 
     /// Mean NLL of `ids` `[b, t]` and every parameter's gradient as a dense tensor (model
@@ -118,12 +197,12 @@ impl Model {
             let dense = self
                 .params
                 .iter()
-                .map(|p| grads.get(p.var.as_tensor()).cloned())
-                .collect();
+                .map(|p| Ok(grads.get(p.var()?.as_tensor()).cloned()))
+                .collect::<Result<_>>()?;
             return Ok((value, dense));
         }
         let sink = DenseGrads {
-            shapes: self.params.iter().map(|p| p.var.dims().to_vec()).collect(),
+            shapes: self.params.iter().map(|p| p.shape.clone()).collect(),
             grads: Mutex::new(vec![None; self.params.len()]),
         };
         let loss = self.mean_nll_grads(ids, &sink)?;
@@ -148,11 +227,11 @@ impl Model {
         let (nh, hd, eps) = (c.num_heads, c.head_dim, c.rms_eps);
         // the inference forward (detached weights), keeping what the backward reads
         let lin = |x: &Tensor, wi: usize| self.linear_bias(x, wi, None, false);
-        let hn1 = fused::rms_norm(x, &self.w(li.input_norm, false), eps)?;
+        let hn1 = fused::rms_norm(x, &self.w(li.input_norm, false)?, eps)?;
         let (q, k, v) = self.qkv(li, &hn1, ctx, b, t, false)?;
         let a = fused::causal_attention_blocked(&q, &k, &v)?;
         let x_mid = (x + lin(&a.reshape((b * t, nh * hd))?, li.o)?)?;
-        let hn2 = fused::rms_norm(&x_mid, &self.w(li.post_norm, false), eps)?;
+        let hn2 = fused::rms_norm(&x_mid, &self.w(li.post_norm, false)?, eps)?;
         let g = lin(&hn2, li.gate)?;
         let u = lin(&hn2, li.up)?;
         let act = fused::swiglu(&g, &u)?;
@@ -191,10 +270,18 @@ impl Model {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_eps;
         let n = b * t;
-        // dW = dyᵀ·x to the sink, dx = dy·W returned
+        // dW = dyᵀ·x to the sink (when wanted), dx = dy·W returned
         let linear_bwd = |dy: &Tensor, x: &Tensor, wi: usize| -> Result<Tensor> {
-            sink.add(wi, &fused::linear_backward_weight(dy, x)?)?;
-            Ok(fused::linear_backward_input(dy, &self.w(wi, false))?)
+            if sink.wants(wi) {
+                sink.add(wi, &fused::linear_backward_weight(dy, x)?)?;
+            }
+            Ok(fused::linear_backward_input(dy, &self.w(wi, false)?)?)
+        };
+        let add = |wi: usize, g: &Tensor| -> Result<()> {
+            if sink.wants(wi) {
+                sink.add(wi, g)?;
+            }
+            Ok(())
         };
         // MLP
         let dact = linear_bwd(dy, &tape.act, li.down)?;
@@ -203,8 +290,8 @@ impl Model {
         let dhn2 = (linear_bwd(&dg, &tape.hn2, li.gate)? + linear_bwd(&du, &tape.hn2, li.up)?)?;
         drop((dg, du));
         let (dx_norm, dw) =
-            fused::rms_norm_backward(&tape.x_mid, &self.w(li.post_norm, false), eps, &dhn2)?;
-        sink.add(li.post_norm, &dw)?;
+            fused::rms_norm_backward(&tape.x_mid, &self.w(li.post_norm, false)?, eps, &dhn2)?;
+        add(li.post_norm, &dw)?;
         let d_mid = (dy + dx_norm)?;
         // attention
         let da = linear_bwd(&d_mid, &tape.a.reshape((n, nh * hd))?, li.o)?;
@@ -223,14 +310,14 @@ impl Model {
         let (qb, kb, vb) = li.biases();
         for (bi, d) in [(qb, &dq), (kb, &dk), (vb, &dv)] {
             if let Some(bi) = bi {
-                sink.add(bi, &d.sum(0)?)?;
+                add(bi, &d.sum(0)?)?;
             }
         }
         let dhn1 = ((linear_bwd(&dq, &tape.hn1, li.q)? + linear_bwd(&dk, &tape.hn1, li.k)?)?
             + linear_bwd(&dv, &tape.hn1, li.v)?)?;
         let (dx_norm, dw) =
-            fused::rms_norm_backward(&tape.x, &self.w(li.input_norm, false), eps, &dhn1)?;
-        sink.add(li.input_norm, &dw)?;
+            fused::rms_norm_backward(&tape.x, &self.w(li.input_norm, false)?, eps, &dhn1)?;
+        add(li.input_norm, &dw)?;
         Ok((d_mid + dx_norm)?)
     }
 }
@@ -324,7 +411,7 @@ mod tests {
             let loss = m.mean_nll(&ids).unwrap();
             let want = loss.backward().unwrap();
             let sink = Dense {
-                shapes: m.params.iter().map(|p| p.var.dims().to_vec()).collect(),
+                shapes: m.params.iter().map(|p| p.shape.clone()).collect(),
                 grads: Mutex::new(vec![None; m.params.len()]),
             };
             let got_loss = m.mean_nll_grads(&ids, &sink).unwrap();
@@ -336,7 +423,7 @@ mod tests {
                 let g = g
                     .as_ref()
                     .unwrap_or_else(|| panic!("{}: no gradient", p.name));
-                let w = want.get(p.var.as_tensor()).unwrap();
+                let w = want.get(p.var().unwrap().as_tensor()).unwrap();
                 let diff = max_abs_diff(g, w);
                 assert!(
                     diff < 1e-12,

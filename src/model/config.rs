@@ -58,8 +58,21 @@ impl Config {
     /// Checks that the numbers are mutually consistent.
     pub fn validate(&self) -> Result<()> {
         let c = self;
-        if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_layers == 0 || c.hidden_size == 0 {
+        if c.num_heads == 0
+            || c.num_kv_heads == 0
+            || c.num_layers == 0
+            || c.hidden_size == 0
+            || c.intermediate_size == 0
+            || c.vocab_size == 0
+            || c.head_dim == 0
+        {
             bail!("zero-sized dimension in config: {c:?}");
+        }
+        if !(c.rms_eps.is_finite() && c.rms_eps > 0.0) {
+            bail!("RMS norm epsilon {} must be finite and positive", c.rms_eps);
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+            bail!("RoPE theta {} must be finite and positive", c.rope_theta);
         }
         if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             bail!(
@@ -98,6 +111,9 @@ impl Config {
         };
         let hidden = get("hidden_size")?;
         let heads = get("num_attention_heads")?;
+        if heads == 0 {
+            bail!("num_attention_heads is 0");
+        }
         let c = Config {
             arch,
             vocab_size: get("vocab_size")?,

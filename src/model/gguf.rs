@@ -6,7 +6,6 @@ use crate::io::candle_msg;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// A parsed GGUF file: header, metadata and the path to read tensors from.
@@ -92,6 +91,9 @@ impl GgufFile {
         let a = &arch_name;
         let hidden = self.meta_usize(&format!("{a}.embedding_length"))?;
         let heads = self.meta_usize(&format!("{a}.attention.head_count"))?;
+        if heads == 0 {
+            bail!("{p}: {a}.attention.head_count is 0");
+        }
         let kv = self
             .meta_usize(&format!("{a}.attention.head_count_kv"))
             .unwrap_or(heads);
@@ -143,39 +145,6 @@ impl GgufFile {
             anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), candle_msg(&e))
         })?;
         Ok(t.to_dtype(DType::F32)?)
-    }
-
-    /// Every model tensor under its Hugging Face name, f32, HF layout.
-    pub fn load_weights(&self, cfg: &Config) -> Result<HashMap<String, Tensor>> {
-        let shapes = cfg.param_shapes();
-        let jobs: Vec<(String, String)> = shapes
-            .iter()
-            .map(|(hf, _)| (hf.clone(), hf_to_gguf_name(hf)))
-            .collect();
-        use rayon::prelude::*;
-        let loaded: Vec<Result<(String, Tensor)>> = jobs
-            .par_iter()
-            .map(|(hf, gg)| {
-                if !self.content.tensor_infos.contains_key(gg) {
-                    bail!("{}: missing tensor {gg} ({hf})", self.path.display());
-                }
-                let mut t = self.tensor_f32(gg)?;
-                if cfg.arch == Arch::Llama {
-                    if hf.ends_with("q_proj.weight") {
-                        t = unpermute_rows(&t, cfg.num_heads)?;
-                    } else if hf.ends_with("k_proj.weight") {
-                        t = unpermute_rows(&t, cfg.num_kv_heads)?;
-                    }
-                }
-                Ok((hf.clone(), t))
-            })
-            .collect();
-        let mut out = HashMap::new();
-        for r in loaded {
-            let (name, t) = r?;
-            out.insert(name, t);
-        }
-        Ok(out)
     }
 }
 

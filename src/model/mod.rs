@@ -2,28 +2,50 @@
 //! forward pass whose every op carries gradients.
 
 mod backward;
+pub mod checkpoint;
 pub mod config;
 pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod ops;
+pub mod store;
 
 pub use config::{Arch, Config};
+pub use store::{Overlay, Param, Weight};
 
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 pub use fused::GradSink;
 
-/// One named parameter.
-pub struct Param {
-    pub name: String,
-    pub var: Var,
+/// How a loaded model holds its weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// Every parameter as an f32 tensor in memory (trainable, fastest for small models).
+    Dense,
+    /// Matrices stay in the checkpoint's encoding, memory-mapped, decoded per use; vectors
+    /// (norms, biases) are dense.
+    Mapped,
+    /// `Dense` when the f32 weights take at most [`DENSE_LIMIT`] bytes, else `Mapped`;
+    /// the environment variable `BROCA_WEIGHTS=dense|mapped` overrides it.
+    Auto,
 }
+
+/// Largest f32 weight size that [`Residency::Auto`] keeps dense (SmolLM2-135M: 0.54 GB is
+/// dense; Qwen2.5-Coder-0.5B: 2.5 GB is mapped).
+pub const DENSE_LIMIT: usize = 1 << 30;
+
+/// f32 bytes of one block of the output projection (SmolLM2's 113 MB head runs in 2
+/// blocks, Qwen2.5's 0.5B in 9, the 7B's 2.2 GB in 33).
+pub const HEAD_BLOCK_BYTES: usize = 64 << 20;
+
+/// Mapped checkpoints larger than this give back each tensor's pages after decoding it, so
+/// that the process holds about one layer of the checkpoint at a time.
+pub const RELEASE_PAGES_ABOVE: usize = 4 << 30;
 
 /// Indices of one decoder layer's parameters in [`Model::params`].
 #[derive(Clone, Debug)]
@@ -65,40 +87,74 @@ pub struct Model {
     /// While set (see [`Model::with_grad_sink`]), tracked forwards send the linear layers'
     /// weight gradients here.
     grad_sink: Mutex<Option<Arc<dyn GradSink>>>,
+    /// The dtype computations run in (f32 for loaded checkpoints).
+    dtype: DType,
+    /// Sparse perturbations of mapped parameters, by parameter index.
+    overlays: RwLock<Vec<Option<Arc<Overlay>>>>,
+    /// Whether mapped tensors give back their pages after each decode.
+    release_pages: bool,
+}
+
+/// How to undo one [`Model::set_entries`].
+pub enum Undo {
+    /// Old values of a dense parameter's entries.
+    Dense { idx: Vec<usize>, old: Vec<f64> },
+    /// The overlay a mapped parameter had before.
+    Overlay(Option<Arc<Overlay>>),
 }
 
 impl Model {
-    /// Loads a GGUF file or a Hugging Face checkpoint directory.
+    /// Loads a GGUF file or a Hugging Face checkpoint directory ([`Residency::Auto`]).
     pub fn load(path: &Path) -> Result<Model> {
-        if !path.exists() {
-            bail!("{}: no such file or directory", path.display());
-        }
-        let (config, weights, tokenizer) = if path.is_dir() {
-            let config = Config::from_hf_json(&path.join("config.json"))?;
-            let weights = hf::load_weights(path, &config)?;
-            let tok = if path.join("tokenizer.json").exists() {
-                Some(Tokenizer::from_dir(path)?)
-            } else {
-                None
-            };
-            (config, weights, tok)
-        } else {
-            let g = gguf::GgufFile::open(path)?;
-            let config = g.config()?;
-            let weights = g.load_weights(&config)?;
-            let tok = Tokenizer::from_gguf(&g.content.metadata, path)?;
-            (config, weights, Some(tok))
+        Model::load_with(path, Residency::Auto)
+    }
+
+    /// Loads a checkpoint, holding its weights as `residency` says. The checkpoint is
+    /// memory-mapped and validated first; a dense model decodes every tensor once and drops
+    /// the map, a mapped one keeps only the map (the checkpoint is never held twice).
+    pub fn load_with(path: &Path, residency: Residency) -> Result<Model> {
+        let ck = checkpoint::Checkpoint::open(path)?;
+        let residency = match residency {
+            Residency::Auto => match std::env::var("BROCA_WEIGHTS").as_deref() {
+                Ok("dense") => Residency::Dense,
+                Ok("mapped") => Residency::Mapped,
+                _ if ck.config.num_params().saturating_mul(4) <= DENSE_LIMIT => Residency::Dense,
+                _ => Residency::Mapped,
+            },
+            r => r,
         };
-        let mut m =
-            Model::from_weights(config, weights).with_context(|| format!("{}", path.display()))?;
-        m.tokenizer = tokenizer;
+        let release = ck.mapped_bytes() > RELEASE_PAGES_ABOVE;
+        let config = ck.config.clone();
+        let mut tensors = ck.tensors;
+        let mut params = Vec::new();
+        for (name, shape) in config.param_shapes() {
+            let t = tensors
+                .remove(&name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            let weight = if residency == Residency::Dense || shape.len() == 1 {
+                let v = store::decode_tensor(&name, &t, None)?.reshape(shape.as_slice())?;
+                Weight::Dense(Var::from_tensor(&v)?)
+            } else {
+                Weight::Mapped(t)
+            };
+            params.push(Param {
+                name,
+                shape,
+                weight,
+            });
+        }
+        let mut m = Model::from_params(config, params, DType::F32)
+            .with_context(|| format!("{}", path.display()))?;
+        m.tokenizer = ck.tokenizer;
         m.source = path.to_path_buf();
+        m.release_pages = release;
         Ok(m)
     }
 
     /// Builds a model from named tensors (every name of `config.param_shapes()`).
     pub fn from_weights(config: Config, mut weights: HashMap<String, Tensor>) -> Result<Model> {
         let mut params = Vec::new();
+        let mut dtype = DType::F32;
         for (name, shape) in config.param_shapes() {
             let t = weights
                 .remove(&name)
@@ -110,47 +166,62 @@ impl Model {
                     shape
                 );
             }
+            dtype = t.dtype();
             params.push(Param {
                 name,
-                var: Var::from_tensor(&t.contiguous()?)?,
+                shape,
+                weight: Weight::Dense(Var::from_tensor(&t.contiguous()?)?),
             });
         }
+        Model::from_params(config, params, dtype)
+    }
+
+    /// Indexes `params` (in `config.param_shapes()` order) by name and layer.
+    fn from_params(config: Config, params: Vec<Param>, dtype: DType) -> Result<Model> {
         let index: HashMap<String, usize> = params
             .iter()
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i))
             .collect();
-        let at = |n: String| -> usize { index[&n] };
+        let at = |n: String| -> Result<usize> {
+            index
+                .get(&n)
+                .copied()
+                .with_context(|| format!("missing tensor {n}"))
+        };
         let layers = (0..config.num_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
-                LayerIdx {
-                    input_norm: at(format!("{p}.input_layernorm.weight")),
-                    q: at(format!("{p}.self_attn.q_proj.weight")),
-                    k: at(format!("{p}.self_attn.k_proj.weight")),
-                    v: at(format!("{p}.self_attn.v_proj.weight")),
-                    bias: config.qkv_bias().then(|| {
-                        (
-                            at(format!("{p}.self_attn.q_proj.bias")),
-                            at(format!("{p}.self_attn.k_proj.bias")),
-                            at(format!("{p}.self_attn.v_proj.bias")),
-                        )
-                    }),
-                    o: at(format!("{p}.self_attn.o_proj.weight")),
-                    post_norm: at(format!("{p}.post_attention_layernorm.weight")),
-                    gate: at(format!("{p}.mlp.gate_proj.weight")),
-                    up: at(format!("{p}.mlp.up_proj.weight")),
-                    down: at(format!("{p}.mlp.down_proj.weight")),
-                }
+                let bias = match config.qkv_bias() {
+                    true => Some((
+                        at(format!("{p}.self_attn.q_proj.bias"))?,
+                        at(format!("{p}.self_attn.k_proj.bias"))?,
+                        at(format!("{p}.self_attn.v_proj.bias"))?,
+                    )),
+                    false => None,
+                };
+                Ok(LayerIdx {
+                    input_norm: at(format!("{p}.input_layernorm.weight"))?,
+                    q: at(format!("{p}.self_attn.q_proj.weight"))?,
+                    k: at(format!("{p}.self_attn.k_proj.weight"))?,
+                    v: at(format!("{p}.self_attn.v_proj.weight"))?,
+                    bias,
+                    o: at(format!("{p}.self_attn.o_proj.weight"))?,
+                    post_norm: at(format!("{p}.post_attention_layernorm.weight"))?,
+                    gate: at(format!("{p}.mlp.gate_proj.weight"))?,
+                    up: at(format!("{p}.mlp.up_proj.weight"))?,
+                    down: at(format!("{p}.mlp.down_proj.weight"))?,
+                })
             })
-            .collect();
-        let embed = at("model.embed_tokens.weight".into());
-        let final_norm = at("model.norm.weight".into());
+            .collect::<Result<Vec<_>>>()?;
+        let embed = at("model.embed_tokens.weight".into())?;
+        let final_norm = at("model.norm.weight".into())?;
         let lm_head = if config.tie_embeddings {
             embed
         } else {
-            at("lm_head.weight".into())
+            at("lm_head.weight".into())?
         };
+        let n = params.len();
         Ok(Model {
             config,
             params,
@@ -162,6 +233,9 @@ impl Model {
             tokenizer: None,
             source: PathBuf::new(),
             grad_sink: Mutex::new(None),
+            dtype,
+            overlays: RwLock::new(vec![None; n]),
+            release_pages: false,
         })
     }
 
@@ -186,39 +260,137 @@ impl Model {
     }
 
     /// The parameter called `name` (HF name).
-    pub fn param(&self, name: &str) -> Option<&Var> {
-        self.index.get(name).map(|&i| &self.params[i].var)
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.params[i])
+    }
+
+    /// The index of parameter `name` in [`Model::params`].
+    pub fn param_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
     }
 
     /// The tokenizer, or an error for models without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .context("this model has no tokenizer")
+        self.tokenizer.as_ref().with_context(|| {
+            format!(
+                "{}: this model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)",
+                self.source.display()
+            )
+        })
     }
 
-    /// The dtype the parameters are held in.
+    /// The dtype computations run in.
     pub fn dtype(&self) -> DType {
-        self.params[0].var.dtype()
+        self.dtype
     }
 
     /// Total number of parameters.
     pub fn num_params(&self) -> usize {
-        self.params.iter().map(|p| p.var.elem_count()).sum()
+        self.params.iter().map(|p| p.elem_count()).sum()
     }
 
-    /// Every parameter as (name, tensor), in the model's order.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Bytes of the weights as held now (dense values, plus mapped encodings).
+    pub fn resident_weight_bytes(&self) -> usize {
         self.params
             .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
+            .map(|p| match &p.weight {
+                Weight::Dense(v) => v.elem_count() * v.dtype().size_in_bytes(),
+                Weight::Mapped(m) => m.bytes(),
+            })
+            .sum()
+    }
+
+    /// Whether mapped tensors give back their pages after each decode (big checkpoints).
+    pub fn releases_pages(&self) -> bool {
+        self.release_pages
+    }
+
+    /// Whether every parameter is a dense tensor (trainable).
+    pub fn is_dense(&self) -> bool {
+        self.params.iter().all(|p| p.mapped().is_none())
+    }
+
+    /// The current values of parameter `i` (a mapped one decoded, its overlay applied).
+    pub fn values(&self, i: usize) -> Result<Tensor> {
+        self.w(i, false)
+    }
+
+    /// The current values of parameter `name`.
+    pub fn values_of(&self, name: &str) -> Result<Tensor> {
+        let i = self
+            .param_index(name)
+            .with_context(|| format!("{name}: not a parameter of this model"))?;
+        self.values(i)
+    }
+
+    /// Every parameter as (name, values), in the model's order (decodes every mapped one:
+    /// for big models prefer [`Model::values`] one at a time).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        (0..self.params.len())
+            .map(|i| Ok((self.params[i].name.clone(), self.values(i)?)))
             .collect()
     }
 
-    /// Writes a transformers-loadable checkpoint: config.json, model.safetensors (f32),
-    /// tokenizer.json.
+    /// Sets flat entries `idx` of parameter `i` to `vals`: in place for a dense parameter,
+    /// as an overlay for a mapped one (its file is never written). Returns what undoes it.
+    pub fn set_entries(&self, i: usize, idx: &[usize], vals: &[f64]) -> Result<Undo> {
+        let p = &self.params[i];
+        let n = p.elem_count();
+        if let Some(&bad) = idx.iter().find(|&&k| k >= n) {
+            bail!("{}: entry {bad} out of range ({n} entries)", p.name);
+        }
+        match &p.weight {
+            Weight::Dense(var) => {
+                let t = var.as_tensor();
+                let mut w: Vec<f64> = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+                let old = idx.iter().map(|&k| w[k]).collect();
+                for (&k, &v) in idx.iter().zip(vals) {
+                    w[k] = v;
+                }
+                var.set(&Tensor::from_vec(w, t.dims(), &Device::Cpu)?.to_dtype(t.dtype())?)?;
+                Ok(Undo::Dense {
+                    idx: idx.to_vec(),
+                    old,
+                })
+            }
+            Weight::Mapped(_) => {
+                let mut ov = self.overlays.write().unwrap_or_else(|e| e.into_inner());
+                let prev = ov[i].clone();
+                let next = prev.as_deref().cloned().unwrap_or_default().with(idx, vals);
+                ov[i] = Some(Arc::new(next));
+                Ok(Undo::Overlay(prev))
+            }
+        }
+    }
+
+    /// Reverts one [`Model::set_entries`] (bitwise).
+    pub fn undo(&self, i: usize, undo: Undo) -> Result<()> {
+        match undo {
+            Undo::Dense { idx, old } => {
+                self.set_entries(i, &idx, &old)?;
+            }
+            Undo::Overlay(prev) => {
+                self.overlays.write().unwrap_or_else(|e| e.into_inner())[i] = prev;
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlay of parameter `i`, if any.
+    pub fn overlay(&self, i: usize) -> Option<Arc<Overlay>> {
+        self.overlays.read().unwrap_or_else(|e| e.into_inner())[i].clone()
+    }
+
+    /// Writes a transformers-loadable checkpoint in f32 (see [`Model::save_hf_as`]).
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
-        hf::save_checkpoint(dir, &self.config, &self.named_tensors())?;
+        self.save_hf_as(dir, DType::F32)
+    }
+
+    /// Writes a transformers-loadable checkpoint: config.json, model.safetensors (`dtype`
+    /// F32 or BF16), tokenizer.json; tensor by tensor, so a mapped model never holds more
+    /// than one decoded tensor.
+    pub fn save_hf_as(&self, dir: &Path, dtype: DType) -> Result<()> {
+        hf::save_checkpoint(dir, &self.config, self, dtype)?;
         if let Some(t) = &self.tokenizer {
             t.save(&dir.join("tokenizer.json"))?;
         }
@@ -252,26 +424,114 @@ impl Model {
             false => None,
         };
         Ok(match sink {
-            Some(sink) => fused::linear_into(x, &self.w(wi, true), &sink, wi)?,
-            None => fused::linear(x, &self.w(wi, grad))?,
+            Some(sink) => fused::linear_into(x, &self.w(wi, true)?, &sink, wi)?,
+            None => fused::linear(x, &self.w(wi, grad)?)?,
         })
     }
 
-    fn w(&self, i: usize, grad: bool) -> Tensor {
-        let t = self.params[i].var.as_tensor();
-        if grad {
-            t.clone()
-        } else {
-            t.detach()
+    /// Parameter `i` as a tensor: a dense one as it is (tracked when `grad`), a mapped one
+    /// decoded to f32 with its overlay (never tracked).
+    fn w(&self, i: usize, grad: bool) -> Result<Tensor> {
+        Ok(match &self.params[i].weight {
+            Weight::Dense(v) if grad => v.as_tensor().clone(),
+            Weight::Dense(v) => v.as_tensor().detach(),
+            Weight::Mapped(m) => {
+                let t = store::decode_tensor(&self.params[i].name, m, self.overlay(i).as_deref())?;
+                if self.release_pages {
+                    m.release_pages();
+                }
+                t
+            }
+        })
+    }
+
+    /// Rows `ids` of a `[rows, cols]` parameter (the embedding), decoding only those rows
+    /// of a mapped one.
+    fn rows_of(&self, i: usize, ids: &Tensor, grad: bool) -> Result<Tensor> {
+        let Weight::Mapped(m) = &self.params[i].weight else {
+            return Ok(self.w(i, grad)?.index_select(ids, 0)?);
+        };
+        let rows: Vec<u32> = ids.to_vec1()?;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= m.rows) {
+            bail!(
+                "token id {r} is outside the vocabulary of {} ({} rows in {})",
+                self.source.display(),
+                m.rows,
+                self.params[i].name
+            );
         }
+        let c = m.cols;
+        let mut v = vec![0f32; rows.len() * c];
+        m.decode_row_list(&rows, &mut v);
+        if let Some(o) = self.overlay(i) {
+            for (k, &r) in rows.iter().enumerate() {
+                o.apply_range(r as usize * c, &mut v[k * c..(k + 1) * c]);
+            }
+        }
+        for (k, &r) in rows.iter().enumerate() {
+            store::check_finite(&self.params[i].name, m, &v[k * c..(k + 1) * c], r as usize)?;
+        }
+        Ok(Tensor::from_vec(v, (rows.len(), c), &Device::Cpu)?)
+    }
+
+    /// Row blocks of about [`HEAD_BLOCK_BYTES`] of f32 in which the output projection is
+    /// decoded and applied (inference and the manual backward; dense and mapped weights
+    /// alike, so that both give the same bits).
+    pub(crate) fn head_blocks(&self) -> Vec<std::ops::Range<usize>> {
+        let rows = self.config.vocab_size;
+        let per = (HEAD_BLOCK_BYTES / (4 * self.config.hidden_size.max(1))).max(1);
+        (0..rows.div_ceil(per))
+            .map(|k| k * per..((k + 1) * per).min(rows))
+            .collect()
+    }
+
+    /// Rows `r` of the output projection as an f32 tensor (overlay applied).
+    fn head_block(&self, r: std::ops::Range<usize>) -> Result<Tensor> {
+        let i = self.lm_head;
+        let Weight::Mapped(m) = &self.params[i].weight else {
+            return self
+                .w(i, false)?
+                .narrow(0, r.start, r.len())
+                .map_err(Into::into);
+        };
+        let c = m.cols;
+        let mut v = vec![0f32; r.len() * c];
+        m.decode_rows(r.clone(), &mut v);
+        if !m.is_checked() {
+            store::check_finite(&self.params[i].name, m, &v, r.start)?;
+            if r.end == m.rows {
+                m.mark_checked();
+            }
+        }
+        if let Some(o) = self.overlay(i) {
+            o.apply_range(r.start * c, &mut v);
+        }
+        Ok(Tensor::from_vec(v, (r.len(), c), &Device::Cpu)?)
+    }
+
+    /// Logits `x · W_headᵀ` for `x` `[n, hidden]`, block by block ([`Model::head_blocks`]);
+    /// in one piece when tracked for autograd.
+    fn head_linear(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let blocks = self.head_blocks();
+        if blocks.len() == 1 || (grad && self.params[self.lm_head].mapped().is_none()) {
+            return self.linear(x, self.lm_head, grad);
+        }
+        let parts = blocks
+            .into_iter()
+            .map(|r| Ok(fused::linear(x, &self.head_block(r)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        if self.release_pages {
+            if let Some(m) = self.params[self.lm_head].mapped() {
+                m.release_pages();
+            }
+        }
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// Token embeddings for `ids` `[b, t]` → `[b, t, hidden]`.
     pub fn embed(&self, ids: &Tensor, grad: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let e = self
-            .w(self.embed, grad)
-            .index_select(&ids.flatten_all()?, 0)?;
+        let e = self.rows_of(self.embed, &ids.flatten_all()?, grad)?;
         Ok(e.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -321,7 +581,7 @@ impl Model {
     fn norm(&self, x: &Tensor, wi: usize, rows: Option<&Tensor>, grad: bool) -> Result<Tensor> {
         let eps = self.config.rms_eps;
         Ok(match rows {
-            None => fused::rms_norm(x, &self.w(wi, grad), eps)?,
+            None => fused::rms_norm(x, &self.w(wi, grad)?, eps)?,
             Some(rows) => {
                 let ones = Tensor::ones(self.config.hidden_size, x.dtype(), x.device())?;
                 fused::rms_norm(x, &ones, eps)?.broadcast_mul(rows)?
@@ -333,7 +593,7 @@ impl Model {
     fn linear_bias(&self, x: &Tensor, wi: usize, bi: Option<usize>, grad: bool) -> Result<Tensor> {
         let y = self.linear(x, wi, grad)?;
         Ok(match bi {
-            Some(bi) => y.broadcast_add(&self.w(bi, grad))?,
+            Some(bi) => y.broadcast_add(&self.w(bi, grad)?)?,
             None => y,
         })
     }
@@ -432,7 +692,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let xn = self.norm(x, self.final_norm, final_rows, grad)?;
-        let logits = self.linear(&xn.reshape((b * t, h))?, self.lm_head, grad)?;
+        let logits = self.head_linear(&xn.reshape((b * t, h))?, grad)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 

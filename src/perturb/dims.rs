@@ -73,12 +73,7 @@ pub fn new_values(
     dims: &[usize],
 ) -> Result<Vec<f64>> {
     let name = site.param_name();
-    let w = ops::values_f64(
-        model
-            .param(&name)
-            .context("norm weight missing")?
-            .as_tensor(),
-    )?;
+    let w = ops::values_f64(&model.values_of(&name)?)?;
     dims.iter()
         .map(|&d| {
             if d >= w.len() {
@@ -106,12 +101,7 @@ pub fn scan_batched(
     on_done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
     let name = site.param_name();
-    let w = ops::values_f64(
-        model
-            .param(&name)
-            .context("norm weight missing")?
-            .as_tensor(),
-    )?;
+    let w = ops::values_f64(&model.values_of(&name)?)?;
     let h = w.len();
     let dtype = model.dtype();
     let mut out = vec![Vec::with_capacity(texts.len()); dims.len()];
@@ -215,7 +205,7 @@ pub fn scan_naive(
 /// Gradient of the mean over texts of each text's mean NLL with respect to the norm weight.
 pub fn norm_gradient(model: &Model, site: NormSite, texts: &[Vec<u32>]) -> Result<Vec<f64>> {
     let name = site.param_name();
-    let var = model.param(&name).context("norm weight missing")?;
+    let var = model.param(&name).context("norm weight missing")?.var()?;
     let mut g = vec![0f64; var.elem_count()];
     for ids in texts {
         let loss = model.mean_nll(&Model::ids_tensor(ids)?)?;

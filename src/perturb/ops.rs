@@ -1,10 +1,12 @@
 //! Perturbation operations applied in place to the entries of a region, and their exact undo.
 //!
-//! Only the touched entries are saved (flat index and old value, as f64, which holds every
-//! f32/f16/bf16 value exactly), so restoring leaves every weight bitwise equal.
+//! Dense parameters change in place and keep their touched entries' old values (f64, which
+//! holds every f32/f16/bf16 value exactly); memory-mapped ones get a sparse overlay and keep
+//! the overlay they had. Either way restoring leaves every weight bitwise as it was, and
+//! memory grows with the region, not the model.
 
 use crate::mask::Mask;
-use crate::model::Model;
+use crate::model::{Model, Undo};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -149,11 +151,11 @@ pub fn values_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?)
 }
 
-/// The touched entries of one parameter: flat indices and their values before the change.
+/// One changed parameter and how to undo the change.
 struct Touched {
-    name: String,
-    idx: Vec<usize>,
-    old: Vec<f64>,
+    param: usize,
+    count: usize,
+    undo: Undo,
 }
 
 /// What [`apply`] changed, for [`restore`].
@@ -165,26 +167,20 @@ pub struct Saved {
 impl Saved {
     /// Number of entries changed.
     pub fn count(&self) -> usize {
-        self.touched.iter().map(|t| t.idx.len()).sum()
+        self.touched.iter().map(|t| t.count).sum()
     }
 }
 
-/// Writes `vals` at flat indices `idx` of parameter `name`, in place.
-fn write_entries(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<()> {
-    let var = model
-        .param(name)
-        .with_context(|| format!("{name}: not a parameter of this model"))?;
-    let t = var.as_tensor();
-    let mut w = values_f64(t)?;
-    for (&i, &v) in idx.iter().zip(vals) {
-        w[i] = v;
-    }
-    let new = Tensor::from_vec(w, t.dims(), &Device::Cpu)?.to_dtype(t.dtype())?;
-    var.set(&new)?;
-    Ok(())
+/// The index of parameter `name`, or an error naming it.
+fn param_index(model: &Model, name: &str) -> Result<usize> {
+    model
+        .param_index(name)
+        .with_context(|| format!("{name}: not a parameter of this model"))
 }
 
-/// Applies `op` to the entries of `mask` (checked against the model), seeded per tensor.
+/// Applies `op` to the entries of `mask` (checked against the model), seeded per tensor:
+/// in place for dense parameters, as a sparse overlay for memory-mapped ones. Reads one
+/// tensor's values at a time.
 pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
     crate::mask::check_matches(mask, model)?;
     let mut saved = Saved {
@@ -195,49 +191,45 @@ pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
         if idx.is_empty() {
             continue;
         }
-        let var = model.param(name).expect("checked above");
-        let w = values_f64(var.as_tensor())?;
-        let vals = op.new_values(&w, &idx, &mut tensor_rng(seed, name));
-        let old = idx.iter().map(|&i| w[i]).collect();
-        if let Err(e) = write_entries(model, name, &idx, &vals) {
-            // leave the model as it was
-            restore(model, saved)?;
-            return Err(e);
+        let res = (|| -> Result<Touched> {
+            let i = param_index(model, name)?;
+            let w = values_f64(&model.values(i)?)?;
+            let vals = op.new_values(&w, &idx, &mut tensor_rng(seed, name));
+            Ok(Touched {
+                param: i,
+                count: idx.len(),
+                undo: model.set_entries(i, &idx, &vals)?,
+            })
+        })();
+        match res {
+            Ok(t) => saved.touched.push(t),
+            Err(e) => {
+                // leave the model as it was
+                restore(model, saved)?;
+                return Err(e);
+            }
         }
-        saved.touched.push(Touched {
-            name: name.clone(),
-            idx,
-            old,
-        });
     }
     Ok(saved)
 }
 
-/// Sets entries `idx` of parameter `name` to `vals` (a hand-made perturbation), saving the
-/// old values for [`restore`].
+/// Sets entries `idx` of parameter `name` to `vals` (a hand-made perturbation), saving what
+/// [`restore`] needs.
 pub fn apply_values(model: &Model, name: &str, idx: &[usize], vals: &[f64]) -> Result<Saved> {
-    let var = model
-        .param(name)
-        .with_context(|| format!("{name}: not a parameter of this model"))?;
-    let w = values_f64(var.as_tensor())?;
-    if let Some(&i) = idx.iter().find(|&&i| i >= w.len()) {
-        bail!("{name}: entry {i} out of range ({} entries)", w.len());
-    }
-    let old = idx.iter().map(|&i| w[i]).collect();
-    write_entries(model, name, idx, vals)?;
+    let i = param_index(model, name)?;
     Ok(Saved {
         touched: vec![Touched {
-            name: name.to_string(),
-            idx: idx.to_vec(),
-            old,
+            param: i,
+            count: idx.len(),
+            undo: model.set_entries(i, idx, vals)?,
         }],
     })
 }
 
-/// Puts back every entry [`apply`] changed (bitwise).
+/// Puts back every entry [`apply`] changed (bitwise), dropping overlays it added.
 pub fn restore(model: &Model, saved: Saved) -> Result<()> {
-    for t in saved.touched.iter().rev() {
-        write_entries(model, &t.name, &t.idx, &t.old)?;
+    for t in saved.touched.into_iter().rev() {
+        model.undo(t.param, t.undo)?;
     }
     Ok(())
 }
@@ -257,7 +249,7 @@ pub fn entries_mask(model: &Model, name: &str, idx: &[usize]) -> Result<Mask> {
     let mut mask = Mask::new();
     mask.insert(
         name.to_string(),
-        Tensor::from_vec(m, var.dims(), &Device::Cpu)?,
+        Tensor::from_vec(m, var.shape.as_slice(), &Device::Cpu)?,
     );
     Ok(mask)
 }

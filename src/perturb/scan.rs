@@ -8,7 +8,7 @@ use super::ops::{self, Op};
 use super::plot;
 use crate::cli::progress::bar;
 use crate::model::Model;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -94,12 +94,7 @@ pub fn scan(
         .collect();
     let full: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids.clone()).collect();
     let name = p.site.param_name();
-    let w = ops::values_f64(
-        model
-            .param(&name)
-            .context("norm weight missing")?
-            .as_tensor(),
-    )?;
+    let w = ops::values_f64(&model.values_of(&name)?)?;
     let values = scan::new_values(model, p.site, p.op, p.seed, dims)?;
     let batch_for = |t: usize| p.batch.unwrap_or((1024 / t.max(1)).max(1));
 

@@ -59,7 +59,7 @@ pub fn stripe_mask(model: &Model, dim: usize, layers: &[usize], kinds: &[&str]) 
             let Some(var) = model.param(&name) else {
                 bail!("{name}: not a parameter of this model")
             };
-            let dims = var.dims().to_vec();
+            let dims = var.shape.clone();
             let mut m = vec![0u8; var.elem_count()];
             match stripe {
                 Stripe::Entry => m[dim] = 1,

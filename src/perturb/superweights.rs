@@ -66,15 +66,8 @@ pub fn candidates(model: &Model, ids: &[u32]) -> Result<Vec<Candidate>> {
         let (token, row) = (oi / h, oi % h);
         let (col, iv) = argmax_abs(&i[token * inter..(token + 1) * inter]);
         let max_abs_input = argmax_abs(&i).1.abs();
-        let w = model
-            .param(&format!("model.layers.{l}.mlp.down_proj.weight"))
-            .expect("down_proj exists");
-        let weight = w
-            .as_tensor()
-            .get(row)?
-            .get(col)?
-            .to_dtype(DType::F64)?
-            .to_scalar()?;
+        let w = model.values_of(&format!("model.layers.{l}.mlp.down_proj.weight"))?;
+        let weight = w.get(row)?.get(col)?.to_dtype(DType::F64)?.to_scalar()?;
         out.push(Candidate {
             layer: l,
             row,

@@ -35,3 +35,24 @@ pub fn random_like(like: &Region, seed: u64) -> Region {
         .into_iter()
         .collect()
 }
+
+/// A region of floor(k · numel) uniformly placed entries in each of `shapes`' tensors that
+/// `cov` covers, from `seed`: a random region made from a model's shapes alone.
+pub fn random_fraction(
+    shapes: &[(String, Vec<usize>)],
+    k: f64,
+    seed: u64,
+    cov: crate::mask::Coverage,
+) -> Region {
+    shapes
+        .par_iter()
+        .filter(|(n, _)| crate::mask::is_covered(n, cov))
+        .map(|(n, shape)| {
+            let s = seed ^ name_hash(n).rotate_left(17);
+            let count = super::region_size(k, shape.iter().product::<usize>() as u64);
+            (n.clone(), random_bits(shape, count as usize, s))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
+}

@@ -66,18 +66,22 @@ fn for_each_abs(
         );
     }
     views.par_iter().try_for_each(|(name, v)| {
-        if v.dtype() != safetensors::Dtype::F32 {
-            bail!(
-                "{}: tensor {name} is {:?}, scores must be F32",
-                path.display(),
-                v.dtype()
-            );
-        }
-        let vals: Vec<f32> = v
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
-            .collect();
+        let vals: Vec<f32> = match v.dtype() {
+            safetensors::Dtype::F32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
+                .collect(),
+            safetensors::Dtype::BF16 => v
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32().abs())
+                .collect(),
+            d => bail!(
+                "{}: tensor {name} is {d:?}, scores must be F32 or BF16",
+                path.display()
+            ),
+        };
         if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
             bail!(
                 "{}: tensor {name} has a non-finite score at flat index {i}",

@@ -15,9 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-/// The running sum of per-window gradients, one f64 vector per parameter (model order).
+/// The running sum of per-window gradients: one f64 vector per scored parameter (model
+/// order), `None` for parameters not scored (their gradients are never computed).
 pub struct GradSum {
-    pub sums: Vec<Vec<f64>>,
+    pub sums: Vec<Option<Vec<f64>>>,
     /// Windows added so far.
     pub windows: usize,
     /// Tokens in those windows.
@@ -25,12 +26,18 @@ pub struct GradSum {
 }
 
 impl GradSum {
-    /// An empty sum for `model`'s parameters.
+    /// An empty sum for every parameter of `model`.
     pub fn zeros(model: &Model) -> GradSum {
+        GradSum::zeros_for(model, &vec![true; model.params.len()])
+    }
+
+    /// An empty sum for the parameters `scored` marks (model order).
+    pub fn zeros_for(model: &Model, scored: &[bool]) -> GradSum {
         let sums = model
             .params
             .iter()
-            .map(|p| zeroed(p.var.elem_count()))
+            .zip(scored)
+            .map(|(p, &s)| s.then(|| zeroed(p.elem_count())))
             .collect();
         GradSum {
             sums,
@@ -54,10 +61,7 @@ impl GradSum {
             .collect();
         let batch = Tensor::from_vec(flat, (wins.len(), t), &Device::Cpu)?;
         let scale = wins.len() as f64;
-        let sink = Arc::new(SumSink {
-            sums: Mutex::new(std::mem::take(&mut self.sums)),
-            scale,
-        });
+        let sink = Arc::new(SumSink::new(std::mem::take(&mut self.sums), scale));
         if model.has_manual_backward() {
             // every gradient straight into the sums, no autograd graph
             let res = model.mean_nll_grads(&batch, &*sink);
@@ -76,8 +80,10 @@ impl GradSum {
         self.sums = std::mem::take(&mut *sink.sums.lock().unwrap_or_else(|e| e.into_inner()));
         let grads = grads?;
         for (sum, p) in self.sums.iter_mut().zip(&model.params) {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                add_scaled(sum, g, scale)?;
+            if let Some(sum) = sum {
+                if let Some(g) = grads.get(p.var()?.as_tensor()) {
+                    add_scaled(sum, g, scale)?;
+                }
             }
         }
         self.windows += wins.len();
@@ -126,24 +132,50 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
 
 /// Adds weight gradients into the running sums during a backward pass.
 struct SumSink {
-    sums: Mutex<Vec<Vec<f64>>>,
+    sums: Mutex<Vec<Option<Vec<f64>>>>,
     scale: f64,
+    /// Which parameters have a sum (fixed for the sink's life).
+    wanted: Vec<bool>,
+}
+
+impl SumSink {
+    fn new(sums: Vec<Option<Vec<f64>>>, scale: f64) -> SumSink {
+        let wanted = sums.iter().map(Option::is_some).collect();
+        SumSink {
+            sums: Mutex::new(sums),
+            scale,
+            wanted,
+        }
+    }
+}
+
+/// The sum of parameter `param`, or an error when it has none.
+fn sum_of(sums: &mut [Option<Vec<f64>>], param: usize) -> candle_core::Result<&mut Vec<f64>> {
+    sums.get_mut(param)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no sum for parameter {param}")))
 }
 
 impl GradSink for SumSink {
+    fn wants(&self, param: usize) -> bool {
+        self.wanted.get(param).copied().unwrap_or(false)
+    }
+
     fn add(&self, param: usize, g: &Tensor) -> candle_core::Result<()> {
+        if !self.wants(param) {
+            return Ok(());
+        }
         let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
-        let sum = sums
-            .get_mut(param)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {param}")))?;
+        let sum = sum_of(&mut sums, param)?;
         add_scaled(sum, g, self.scale).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
     }
 
     fn add_rows(&self, param: usize, rows: &[u32], g: &Tensor) -> candle_core::Result<()> {
+        if !self.wants(param) {
+            return Ok(());
+        }
         let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
-        let sum = sums
-            .get_mut(param)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {param}")))?;
+        let sum = sum_of(&mut sums, param)?;
         let (n, cols) = g.dims2()?;
         if n != rows.len() || cols == 0 || sum.len() % cols != 0 {
             candle_core::bail!("embedding gradient {:?} for {} rows", g.dims(), rows.len());
@@ -210,35 +242,19 @@ fn add_scaled(sum: &mut [f64], g: &Tensor, scale: f64) -> Result<()> {
     Ok(())
 }
 
-/// A parameter's values as f64.
-pub fn param_f64(model: &Model, i: usize) -> Result<Vec<f64>> {
-    Ok(model.params[i]
-        .var
-        .as_tensor()
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?)
-}
-
-/// θ ⊙ s for parameter `i`, in f64: one parallel pass reading θ in place (f32/f64 CPU
-/// parameters), no intermediate copies.
+/// θ ⊙ s for parameter `i`, in f64: one parallel pass over θ (a dense parameter read in
+/// place, a mapped one decoded once).
 pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
     use candle_core::Storage;
     use rayon::prelude::*;
-    let t = model.params[i].var.as_tensor();
-    if t.elem_count() != s.len() {
-        bail!(
-            "{}: {} sums for {} values",
-            model.params[i].name,
-            s.len(),
-            t.elem_count()
-        );
+    let p = &model.params[i];
+    if p.elem_count() != s.len() {
+        bail!("{}: {} sums for {} values", p.name, s.len(), p.elem_count());
     }
+    let t = model.values(i)?;
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        drop(storage);
-        let theta = param_f64(model, i)?;
-        return Ok(theta.iter().zip(s).map(|(t, g)| t * g).collect());
+        bail!("{}: values are not a contiguous CPU tensor", p.name);
     };
     Ok(match t.dtype() {
         DType::F32 => cpu.as_slice::<f32>()?[a..b]
@@ -253,7 +269,7 @@ pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
             .collect(),
         _ => {
             drop(storage);
-            let theta = param_f64(model, i)?;
+            let theta: Vec<f64> = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
             theta.iter().zip(s).map(|(t, g)| t * g).collect()
         }
     })
@@ -289,9 +305,12 @@ pub fn importance(
         .iter()
         .enumerate()
         .map(|(i, p)| {
+            let sum = acc.sums[i]
+                .as_deref()
+                .context("every parameter is scored")?;
             Ok((
                 p.name.clone(),
-                score_from_product(times_param(model, i, &acc.sums[i])?, acc.windows),
+                score_from_product(times_param(model, i, sum)?, acc.windows),
             ))
         })
         .collect()

@@ -24,12 +24,12 @@ pub fn check_same_params(
                 p.name,
                 base_path.display()
             ),
-            Some(v) if v.dims() != p.var.dims() => bail!(
+            Some(v) if v.shape != p.shape => bail!(
                 "{}: tensor {} has shape {:?}, but {:?} in --base {}",
                 tuned_path.display(),
                 p.name,
-                v.dims(),
-                p.var.dims(),
+                v.shape,
+                p.shape,
                 base_path.display()
             ),
             _ => {}
@@ -99,13 +99,11 @@ pub fn write_diff(
     let entries: Vec<(String, Vec<usize>)> = base
         .params
         .iter()
-        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .map(|p| (p.name.clone(), p.shape.clone()))
         .collect();
     let vals = |m: &Model, name: &str| -> Result<Vec<f64>> {
-        let v = m
-            .param(name)
-            .with_context(|| format!("no tensor {name} in both models"))?;
-        Ok(v.as_tensor()
+        Ok(m.values_of(name)
+            .with_context(|| format!("no tensor {name} in both models"))?
             .flatten_all()?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?)

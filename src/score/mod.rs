@@ -8,6 +8,7 @@
 pub mod accumulate;
 pub mod diff;
 pub mod files;
+pub mod plan;
 pub mod run;
 pub mod windows;
 
@@ -65,36 +66,23 @@ pub fn load(path: &Path) -> Result<ScoreFile> {
 }
 
 impl ScoreFile {
-    /// Checks that the tensor names and shapes are exactly `model`'s parameters.
+    /// Checks that every tensor of the file is a parameter of `model` with its shape (a
+    /// score file may cover only some parameters, e.g. the `model.layers.*` ones).
     pub fn check_matches(&self, model: &Model) -> Result<()> {
-        for p in &model.params {
-            match self.tensors.get(&p.name) {
+        for (name, t) in &self.tensors {
+            match model.param(name) {
                 None => bail!(
-                    "{}: no tensor {} (scores for another model?)",
-                    self.path.display(),
-                    p.name
+                    "{}: tensor {name} is not a parameter of the model (scores for another model?)",
+                    self.path.display()
                 ),
-                Some(t) if t.dims() != p.var.dims() => bail!(
-                    "{}: tensor {} has shape {:?}, the model's is {:?}",
+                Some(p) if t.dims() != p.shape.as_slice() => bail!(
+                    "{}: tensor {name} has shape {:?}, the model's is {:?}",
                     self.path.display(),
-                    p.name,
                     t.dims(),
-                    p.var.dims()
+                    p.shape
                 ),
                 _ => {}
             }
-        }
-        if self.tensors.len() != model.params.len() {
-            let extra = self
-                .tensors
-                .keys()
-                .find(|n| model.param(n).is_none())
-                .cloned()
-                .unwrap_or_default();
-            bail!(
-                "{}: tensor {extra} is not a parameter of the model",
-                self.path.display()
-            );
         }
         Ok(())
     }

@@ -138,16 +138,26 @@ pub fn importance(ctx: &Ctx) -> Result<Vec<String>> {
         model_sha256: &ctx.model_sha,
         out: &out,
     };
+    let passes = crate::score::plan::plan(
+        model,
+        crate::score::plan::Include::Layers,
+        None,
+        c.batch,
+        c.seq_len,
+        crate::memory::default_limit(),
+    )?;
+    eprintln!("study: importance {}", passes.plan);
     let opts = score_run::Options {
         seq_len: c.seq_len,
         batch: c.batch,
-        shard: None,
         checkpoint_secs: 60.0,
         checkpoint_windows: ctx.opts.importance_stop_after_windows.map(|_| 1),
         stop_after_windows: ctx.opts.importance_stop_after_windows,
+        groups: passes.groups.clone(),
+        ..Default::default()
     };
     let total: usize = texts.iter().map(|(_, ids)| ids.len()).sum();
-    let pb = bar(total as u64, "importance", "tok");
+    let pb = bar((total * opts.groups.len()) as u64, "importance", "tok");
     let mut outs = Vec::new();
     for (lang, ids) in &texts {
         pb.set_message(format!("importance {lang}"));

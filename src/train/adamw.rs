@@ -273,7 +273,7 @@ impl AdamW {
     ) -> Result<AdamW> {
         let mut states = Vec::with_capacity(params.len());
         for p in params {
-            let n = p.var.elem_count();
+            let n = p.elem_count();
             let fr = frozen(&p.name);
             if let Some(f) = &fr {
                 if f.len() != n {
@@ -288,7 +288,7 @@ impl AdamW {
             let moments = if all_frozen {
                 None
             } else {
-                Some(match p.var.dtype() {
+                Some(match p.var()?.dtype() {
                     DType::F32 => Moments::F32 {
                         m: vec![0.0; n],
                         v: vec![0.0; n],
@@ -303,7 +303,7 @@ impl AdamW {
             let frozen = fr.filter(|f| f.iter().any(|&x| x != 0));
             states.push(ParamState {
                 name: p.name.clone(),
-                shape: p.var.dims().to_vec(),
+                shape: p.shape.clone(),
                 frozen,
                 moments,
                 decayed: decays(&p.name),
@@ -384,12 +384,12 @@ impl AdamW {
             let (Some(g), Some(mom)) = (g, s.moments.as_mut()) else {
                 continue;
             };
-            if g.dims() != p.var.dims() {
+            if g.dims() != p.shape.as_slice() {
                 bail!(
                     "gradient of {} has shape {:?}, the parameter {:?}",
                     p.name,
                     g.dims(),
-                    p.var.dims()
+                    p.shape
                 );
             }
             let scale = grad_scale * clip_scale;
@@ -556,6 +556,6 @@ fn apply<T: Float>(
         frozen,
         c,
     };
-    p.var.as_tensor().inplace_op1(&op)?;
+    p.var()?.as_tensor().inplace_op1(&op)?;
     Ok(())
 }

@@ -68,8 +68,13 @@ pub fn write_model(dir: &Path, model: &Model) -> Result<()> {
     let entries = model
         .params
         .iter()
-        .map(|p| Entry::tensor_f32(p.name.clone(), p.var.as_tensor().detach()))
-        .collect();
+        .map(|p| {
+            Ok(Entry::tensor_f32(
+                p.name.clone(),
+                p.var()?.as_tensor().detach(),
+            ))
+        })
+        .collect::<Result<_>>()?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     write(&dir.join("model.safetensors"), entries, Some(&meta))?;
@@ -173,16 +178,17 @@ pub fn restore_weights(model: &Model, weights: &HashMap<String, Tensor>, dir: &P
         let t = weights
             .get(&p.name)
             .with_context(|| format!("{}: checkpoint lacks {}", dir.display(), p.name))?;
-        if t.dims() != p.var.dims() {
+        if t.dims() != p.shape.as_slice() {
             bail!(
                 "{}: {} has shape {:?}, the model {:?}",
                 dir.display(),
                 p.name,
                 t.dims(),
-                p.var.dims()
+                p.shape
             );
         }
-        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+        let var = p.var()?;
+        var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }

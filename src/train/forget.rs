@@ -129,7 +129,8 @@ pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
     for (name, m) in mask {
         let var = model
             .param(name)
-            .with_context(|| format!("mask tensor {name} is not a parameter"))?;
+            .with_context(|| format!("mask tensor {name} is not a parameter"))?
+            .var()?;
         let mut w: Vec<f32> = var
             .as_tensor()
             .flatten_all()?
@@ -152,7 +153,7 @@ pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
 
 /// An independent copy of a model (own storage).
 pub fn copy_model(base: &Model) -> Result<Model> {
-    let w = base.named_tensors().into_iter().collect();
+    let w = base.named_tensors()?.into_iter().collect();
     let mut m = Model::from_weights(base.config.clone(), w)?;
     m.tokenizer = base
         .tokenizer

@@ -114,12 +114,13 @@ pub struct TrainReport {
 }
 
 /// The model in f32 (training and checkpoints are f32 whatever the input's dtype).
+/// A memory-mapped model is decoded into dense f32 tensors (training updates them in place).
 pub fn into_f32(mut model: Model) -> Result<Model> {
-    if model.dtype() == DType::F32 {
+    if model.dtype() == DType::F32 && model.is_dense() {
         return Ok(model);
     }
     let w = model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
@@ -165,7 +166,7 @@ pub fn fingerprint(model: &Model, cfg: &TrainConfig, inputs: &TrainInputs) -> Re
             h.update(&f);
         }
         let t = p
-            .var
+            .var()?
             .as_tensor()
             .flatten_all()?
             .to_dtype(DType::F32)?

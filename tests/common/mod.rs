@@ -5,7 +5,7 @@
 pub mod checks;
 pub mod reference;
 
-use broca::model::Model;
+use broca::model::{Model, Residency};
 use broca::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -58,8 +58,13 @@ pub fn read(path: &Path) -> String {
 }
 
 fn load(rel: &str) -> Model {
+    load_with(rel, Residency::Auto)
+}
+
+/// An asset model held as `residency` says.
+pub fn load_with(rel: &str, residency: Residency) -> Model {
     let p = asset(rel);
-    Model::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
+    Model::load_with(&p, residency).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
 }
 
 /// SmolLM2-135M (GGUF), loaded once per test binary.
@@ -68,10 +73,17 @@ pub fn smollm() -> &'static Model {
     M.get_or_init(|| load(SMOLLM))
 }
 
-/// Qwen2.5-Coder-0.5B (GGUF, ~2.5 GB in f32), loaded once per test binary.
+/// Qwen2.5-Coder-0.5B (GGUF; memory-mapped, its matrices decoded per use), loaded once per
+/// test binary.
 pub fn qwen() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| load(QWEN))
+}
+
+/// Qwen2.5-Coder-0.5B with every weight as a dense f32 tensor (~2.5 GB; autograd needs it).
+pub fn qwen_dense() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| load_with(QWEN, Residency::Dense))
 }
 
 /// Only the tokenizer of a GGUF asset (cheap: no tensors are read).

@@ -19,19 +19,19 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
         .expect("tensor to f64")
 }
 
-fn tensor<'a>(model: &'a Model, name: &str) -> &'a Tensor {
+/// The model's values of parameter `name` (a memory-mapped one decoded).
+fn tensor(model: &Model, name: &str) -> Tensor {
     model
-        .param(name)
-        .unwrap_or_else(|| panic!("model has no tensor {name}"))
-        .as_tensor()
+        .values_of(name)
+        .unwrap_or_else(|e| panic!("model has no tensor {name}: {e:#}"))
 }
 
 fn vector(model: &Model, name: &str) -> Vec<f64> {
-    to_f64(tensor(model, name))
+    to_f64(&tensor(model, name))
 }
 
 fn matrix(model: &Model, name: &str) -> Mat {
-    let t = tensor(model, name);
+    let t = &tensor(model, name);
     let (rows, cols) = t.dims2().expect("2-d tensor");
     Mat {
         rows,

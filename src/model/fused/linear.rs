@@ -36,6 +36,13 @@ pub trait GradSink: Send + Sync {
     /// Adds a gradient that is zero outside some rows of parameter `param` (an embedding's):
     /// row `rows[i]` gets row `i` of `g` `[rows.len(), cols]`; repeated rows add up.
     fn add_rows(&self, param: usize, rows: &[u32], g: &Tensor) -> Result<()>;
+
+    /// Whether this sink wants parameter `param`'s gradient at all (the manual backward
+    /// skips the products of those it does not want, and stops below the lowest layer that
+    /// has a wanted parameter).
+    fn wants(&self, _param: usize) -> bool {
+        true
+    }
 }
 
 /// [`linear`] whose weight gradient goes to `sink` as parameter `param` instead of to

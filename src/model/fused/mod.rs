@@ -36,6 +36,11 @@ pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// Whether the fused kernels are switched on for this thread (see [`with_reference_ops`]).
+pub fn fused_enabled() -> bool {
+    !REFERENCE.with(|r| r.get())
+}
+
 /// Whether the fused kernel applies to `t` (a CPU tensor, fused ops not switched off).
 pub fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && !REFERENCE.with(|r| r.get())
@@ -322,7 +327,7 @@ mod model_tests {
                 let grads: Vec<Tensor> = m
                     .params
                     .iter()
-                    .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+                    .map(|p| g.get(p.var().unwrap().as_tensor()).unwrap().clone())
                     .collect();
                 (nll, grads)
             };
@@ -375,13 +380,13 @@ mod sink_tests {
             let got = sink.0.lock().unwrap();
             let linear = |n: &str| n.ends_with("proj.weight") || n == "lm_head.weight";
             for (i, p) in m.params.iter().enumerate() {
-                let want = plain.get(p.var.as_tensor()).unwrap();
+                let want = plain.get(p.var().unwrap().as_tensor()).unwrap();
                 let from_sink: Vec<&Tensor> = got
                     .iter()
                     .filter(|(j, _)| *j == i)
                     .map(|(_, g)| g)
                     .collect();
-                let from_store = store.get(p.var.as_tensor());
+                let from_store = store.get(p.var().unwrap().as_tensor());
                 let total = match (from_sink.as_slice(), from_store) {
                     ([g], None) => (*g).clone(),
                     ([g], Some(s)) => (*g + s).unwrap(), // tied embeddings: lm_head + embedding
