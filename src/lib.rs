@@ -2,7 +2,8 @@
 //!
 //! Modules, one per concept: [`model`] (checkpoints, forward with autograd), [`tokenizer`],
 //! [`data`] (text inputs and windows), [`eval`] (perplexity, bits per byte), [`bench`],
-//! [`io`] (atomic output files) and [`cli`].
+//! [`io`] (atomic output files), [`synth`] (random checkpoints with a real model's shapes)
+//! and [`cli`].
 
 pub mod bench;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod report;
 pub mod safetensors_writer;
 pub mod score;
 pub mod study;
+pub mod synth;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,5 +1,6 @@
 //! Writing safetensors files tensor by tensor: beyond the caller's data at most one tensor's
-//! bytes are held at a time, the header is deterministic (metadata keys sorted; tensors in
+//! bytes are held at a time (none at all for [`Data::Stream`], whose producer writes the
+//! bytes itself), the header is deterministic (metadata keys sorted; tensors in
 //! the order `safetensors::serialize` uses: descending dtype alignment, then name), and the
 //! file is written atomically (temporary file, synced, renamed into place).
 
@@ -20,9 +21,18 @@ pub enum Data<'a> {
     TensorF32(Tensor),
     F32(&'a [f32]),
     F64(&'a [f64]),
-    /// Values made only when written (one tensor at a time), stored as F32 or BF16.
-    Lazy(Dtype, Box<dyn Fn() -> Result<Tensor> + 'a>),
+    /// Values produced while the file is written, in any stored `dtype`: `write` is called
+    /// once, at the tensor's place in the file, and must emit exactly the tensor's
+    /// little-endian bytes (a different count is an error and nothing is written), so a
+    /// producer that fills a small buffer at a time never holds the whole tensor.
+    Stream {
+        dtype: Dtype,
+        write: StreamFn<'a>,
+    },
 }
+
+/// The producer of a [`Data::Stream`] tensor.
+pub type StreamFn<'a> = Box<dyn FnOnce(&mut dyn Write) -> Result<()> + 'a>;
 
 /// One tensor to write.
 pub struct Entry<'a> {
@@ -50,6 +60,23 @@ impl<'a> Entry<'a> {
         }
     }
 
+    /// A tensor of `dtype` whose bytes `write` produces when the file is written.
+    pub fn stream(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        dtype: Dtype,
+        write: impl FnOnce(&mut dyn Write) -> Result<()> + 'a,
+    ) -> Entry<'a> {
+        Entry {
+            name: name.into(),
+            shape,
+            data: Data::Stream {
+                dtype,
+                write: Box::new(write),
+            },
+        }
+    }
+
     /// The stored dtype.
     fn dtype(&self) -> Dtype {
         match &self.data {
@@ -60,7 +87,7 @@ impl<'a> Entry<'a> {
             },
             Data::TensorF32(_) | Data::F32(_) => Dtype::F32,
             Data::F64(_) => Dtype::F64,
-            Data::Lazy(d, _) => *d,
+            Data::Stream { dtype, .. } => *dtype,
         }
     }
 
@@ -74,8 +101,25 @@ impl<'a> Entry<'a> {
     }
 
     /// Writes the values (little endian).
-    fn write_to(&self, w: &mut impl Write) -> Result<()> {
-        match &self.data {
+    fn write_to(self, w: &mut impl Write) -> Result<()> {
+        let len = self.byte_len();
+        let data = match self.data {
+            Data::Stream { write, .. } => {
+                let mut counted = Counted { inner: w, bytes: 0 };
+                write(&mut counted)?;
+                if counted.bytes != len {
+                    bail!(
+                        "tensor {}: {} bytes written for shape {:?} ({len} expected)",
+                        self.name,
+                        counted.bytes,
+                        self.shape
+                    );
+                }
+                return Ok(());
+            }
+            data => data,
+        };
+        match &data {
             Data::F32(x) => write_le(w, x, |v| v.to_le_bytes()),
             Data::F64(x) => write_le(w, x, |v| v.to_le_bytes()),
             Data::Tensor(t) if t.dtype() == DType::U8 => {
@@ -88,28 +132,26 @@ impl<'a> Entry<'a> {
                 let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 write_le(w, &v, |v| v.to_le_bytes())
             }
-            Data::Lazy(d, make) => {
-                let t = make()?.flatten_all()?;
-                if t.elem_count() != self.numel() {
-                    bail!(
-                        "tensor {}: {} values for shape {:?}",
-                        self.name,
-                        t.elem_count(),
-                        self.shape
-                    );
-                }
-                match d {
-                    Dtype::BF16 => {
-                        let v = t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?;
-                        write_le(w, &v, |v| v.to_le_bytes())
-                    }
-                    _ => {
-                        let v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                        write_le(w, &v, |v| v.to_le_bytes())
-                    }
-                }
-            }
+            Data::Stream { .. } => unreachable!("handled above"),
         }
+    }
+}
+
+/// A writer that counts the bytes passing through it.
+struct Counted<'w, W: Write> {
+    inner: &'w mut W,
+    bytes: usize,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -169,7 +211,8 @@ pub fn write(
             Data::F32(x) => x.len(),
             Data::F64(x) => x.len(),
             Data::Tensor(t) | Data::TensorF32(t) => t.elem_count(),
-            Data::Lazy(..) => e.numel(),
+            // checked while writing
+            Data::Stream { .. } => e.numel(),
         };
         if len != e.numel() {
             bail!(
@@ -186,7 +229,7 @@ pub fn write(
         let mut w = std::io::BufWriter::new(f);
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
-        for e in &entries {
+        for e in entries {
             e.write_to(&mut w)?;
         }
         w.flush()?;

@@ -13,6 +13,7 @@ pub mod region;
 mod reproduce;
 mod score;
 mod superweights;
+mod synth;
 pub mod train;
 
 use anyhow::Result;
@@ -53,6 +54,8 @@ pub enum Command {
     Forget(forget::ForgetArgs),
     /// The whole study (baseline → importance → regions → ablation → … ) with an HTML report; resumable.
     Reproduce(reproduce::ReproduceArgs),
+    /// A random checkpoint shaped like Qwen2.5-7B (or --preset tiny), streamed to safetensors shards.
+    Synth(synth::SynthArgs),
 }
 
 /// The default model: SmolLM2-135M from the assets folder.
@@ -75,6 +78,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Forget(a) => forget::run(a),
         Command::Reproduce(a) => reproduce::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }
 

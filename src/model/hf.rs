@@ -46,7 +46,27 @@ pub fn save_checkpoint(dir: &Path, cfg: &Config, model: &Model, dtype: DType) ->
         .map(|(i, p)| Entry {
             name: p.name.clone(),
             shape: p.shape.clone(),
-            data: Data::Lazy(stored, Box::new(move || model.values(i))),
+            data: Data::Stream {
+                dtype: stored,
+                write: Box::new(move |w| {
+                    let t = model.values(i)?.flatten_all()?;
+                    let bytes: Vec<u8> = match dtype {
+                        DType::BF16 => t
+                            .to_dtype(DType::BF16)?
+                            .to_vec1::<half::bf16>()?
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect(),
+                        _ => t
+                            .to_dtype(DType::F32)?
+                            .to_vec1::<f32>()?
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect(),
+                    };
+                    Ok(w.write_all(&bytes)?)
+                }),
+            },
         })
         .collect();
     let mut meta = std::collections::BTreeMap::new();

@@ -88,31 +88,43 @@ impl ScoreFile {
     }
 }
 
-/// SHA-256 of a model: of the GGUF file, or of a checkpoint directory's `model.safetensors`
-/// (for a sharded checkpoint, of its shard files in name order, concatenated).
+/// SHA-256 of a model, hex: of the GGUF file; of a checkpoint directory's `model.safetensors`;
+/// or, for a sharded checkpoint (one with `model.safetensors.index.json`, which the loader
+/// also prefers), the SHA-256 of the concatenated lowercase hex SHA-256 strings of its shard
+/// files in index order (the distinct files of the index's `weight_map` sorted by name, which
+/// for transformers' `model-0000i-of-0000N.safetensors` is shard order).
 pub fn model_sha256(path: &Path) -> Result<String> {
     if !path.is_dir() {
         return crate::io::sha256_file(path);
     }
-    let single = path.join("model.safetensors");
-    if single.exists() {
+    let index = path.join("model.safetensors.index.json");
+    if !index.exists() {
+        let single = path.join("model.safetensors");
+        if !single.exists() {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                path.display()
+            );
+        }
         return crate::io::sha256_file(&single);
     }
-    use sha2::{Digest, Sha256};
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("{}: cannot read directory", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("{}: cannot read", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
     files.sort();
+    files.dedup();
     if files.is_empty() {
-        bail!("{}: no model.safetensors", path.display());
+        bail!("{}: empty weight_map", index.display());
     }
+    use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for f in files {
-        let mut r =
-            std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
-        std::io::copy(&mut r, &mut h)?;
+        h.update(crate::io::sha256_file(&path.join(f))?.as_bytes());
     }
     Ok(hex::encode(h.finalize()))
 }
