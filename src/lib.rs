@@ -2,7 +2,8 @@
 //!
 //! Modules, one per concept: [`model`] (checkpoints, forward with autograd), [`tokenizer`],
 //! [`data`] (text inputs and windows), [`eval`] (perplexity, bits per byte), [`bench`],
-//! [`io`] (atomic output files) and [`cli`].
+//! [`io`] (atomic output files, temporary names), [`lock`] (one writer per output) and
+//! [`cli`].
 
 pub mod bench;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod lock;
 pub mod mask;
 pub mod model;
 pub mod perturb;

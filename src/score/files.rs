@@ -53,18 +53,7 @@ pub fn write(
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("{}: cannot create directory", parent.display()))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let res = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+    crate::io::atomic_write_with(path, |file| {
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&(head.len() as u64).to_le_bytes())?;
         w.write_all(&head)?;
@@ -87,16 +76,9 @@ pub fn write(
                 w.write_all(&buf)?;
             }
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        w.flush()?;
         Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
-    }
-    Ok(())
+    })
 }
 
 /// A stored tensor: dtype name, shape, byte range in the data section.
