@@ -2,10 +2,12 @@
 //! object on stdout; progress and logs go to stderr.
 
 mod ablate;
+pub mod args;
 mod bench;
 mod dims;
 mod forget;
 mod generate;
+pub mod output;
 mod perturb;
 mod ppl;
 pub mod progress;
@@ -99,8 +101,4 @@ impl TextArgs {
     }
 }
 
-/// Prints one JSON object on stdout.
-pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
+pub use output::print_json;

@@ -1,6 +1,7 @@
 //! `broca reproduce`: the whole study in one resumable command, with an HTML report.
 
 use crate::data::split_values;
+use crate::outln;
 use crate::study::{self, config::StudyConfig, Options};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -45,14 +46,14 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
     if a.json {
         return super::print_json(&s);
     }
-    println!(
+    outln!(
         "stages run: {}",
         if s.executed.is_empty() {
             "none (all up to date)".into()
         } else {
             s.executed.join(", ")
         }
-    );
-    println!("report: {}  ({:.1} s)", s.report.display(), s.wall_s);
+    )?;
+    outln!("report: {}  ({:.1} s)", s.report.display(), s.wall_s)?;
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! `broca score`: gradient × weight importance per language (resumable, shardable), plus
 //! `broca score merge` (adds shard results) and `broca score diff` (stability scores).
 
+use super::args;
 use super::progress::bar;
 use crate::data;
 use crate::model::Model;
+use crate::outln;
 use crate::score::{self, run, windows};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -35,27 +37,29 @@ pub struct RunArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub inputs: super::TextArgs,
-    /// Token budget per language: use the first N tokens of each text (default: all).
-    #[arg(long)]
+    /// Token budget per language: use the first N tokens of each text (default: all; at
+    /// least 2).
+    #[arg(long, value_parser = args::token_budget)]
     pub tokens: Option<usize>,
-    /// Window length in tokens (non-overlapping windows; a trailing partial window is dropped).
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (non-overlapping windows; a trailing partial window is dropped;
+    /// at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::seq_len)]
     pub seq_len: usize,
-    /// Windows per forward/backward pass.
-    #[arg(long, default_value_t = 1)]
+    /// Windows per forward/backward pass (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = args::positive_usize)]
     pub batch: usize,
     /// Process only the i-th of n contiguous slices of the windows (0-based, e.g. 0/4);
     /// combine with `broca score merge`.
     #[arg(long)]
     pub shard: Option<String>,
     /// Checkpoint the running sum under DIR/.partial/ at least this often (seconds).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 300.0, value_parser = args::non_negative_f64)]
     pub checkpoint_secs: f64,
-    /// Also checkpoint every K windows.
-    #[arg(long)]
+    /// Also checkpoint every K windows (at least 1).
+    #[arg(long, value_parser = args::positive_usize)]
     pub checkpoint_windows: Option<usize>,
     /// Tests: exit with an error after K windows of this call, without saving (simulates a kill).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = args::positive_usize)]
     pub stop_after_windows: Option<usize>,
     /// Output folder: DIR/<lang>.safetensors per language.
     #[arg(long, required = true)]
@@ -89,8 +93,8 @@ pub struct DiffArgs {
     /// |Δθ| / (|θ_base| + eps) instead of |Δθ|.
     #[arg(long)]
     pub relative: bool,
-    /// ε of --relative.
-    #[arg(long, default_value_t = 1e-8)]
+    /// ε of --relative (finite, > 0).
+    #[arg(long, default_value_t = 1e-8, value_parser = args::positive_f64)]
     pub eps: f64,
     /// The `lang` metadata (e.g. the language the model was tuned on).
     #[arg(long, default_value = "diff")]
@@ -202,21 +206,27 @@ fn score(a: RunArgs) -> Result<()> {
     if a.json {
         return super::print_json(&o);
     }
-    print_table(&o.results);
-    println!(
+    print_table(&o.results)?;
+    outln!(
         "total {:.1} s, {:.1} tokens/s computed",
-        o.seconds, o.tokens_per_second
-    );
+        o.seconds,
+        o.tokens_per_second
+    )?;
     Ok(())
 }
 
-fn print_table(results: &[run::Outcome]) {
-    println!(
+fn print_table(results: &[run::Outcome]) -> Result<()> {
+    outln!(
         "{:<8} {:<8} {:>8} {:>8} {:>9} {:>9}  file",
-        "lang", "status", "windows", "tokens", "seconds", "tok/s"
-    );
+        "lang",
+        "status",
+        "windows",
+        "tokens",
+        "seconds",
+        "tok/s"
+    )?;
     for r in results {
-        println!(
+        outln!(
             "{:<8} {:<8} {:>8} {:>8} {:>9.1} {:>9.1}  {}",
             r.lang,
             r.status,
@@ -225,8 +235,9 @@ fn print_table(results: &[run::Outcome]) {
             r.seconds,
             r.tokens_per_second,
             r.file.display()
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
@@ -234,8 +245,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     if a.json {
         return super::print_json(&serde_json::json!({"out": a.out, "results": results}));
     }
-    print_table(&results);
-    Ok(())
+    print_table(&results)
 }
 
 fn diff(a: DiffArgs) -> Result<()> {
@@ -258,11 +268,11 @@ fn diff(a: DiffArgs) -> Result<()> {
             "params": base.num_params(),
         }));
     }
-    println!(
+    outln!(
         "{} ({method}, {} parameters) written to {}",
         a.lang,
         base.num_params(),
         a.out.display()
-    );
+    )?;
     Ok(())
 }
