@@ -12,7 +12,11 @@ fn main() {
         broca::cli::args::Parsed::Run(cli) => *cli,
         broca::cli::args::Parsed::Exit(code) => std::process::exit(code),
     };
+    // Ctrl-C, SIGTERM, SIGHUP: remove this run's lock and temporary files, then exit.
+    broca::io::cleanup_on_signals();
     let res = broca::cli::run(cli);
+    // locks and temporary files of the run are dropped by now; nothing may outlive it
+    broca::io::cleanup_now();
     if let Err(e) = res {
         if broca::cli::output::is_stdout_closed(&e) {
             // the reader of our stdout went away (`broca … | head -1`): a quiet end

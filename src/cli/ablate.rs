@@ -68,9 +68,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let needs_scores = controls.iter().any(|c| *c != Control::Random);
     let inputs = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&inputs, a.max_tokens)?;
     let model = Model::load(&a.model)?;
     let regions = load_regions(&a.region, &model)?;
     let scores = if needs_scores {

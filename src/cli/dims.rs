@@ -185,9 +185,8 @@ fn run_scan(a: ScanArgs) -> Result<()> {
             .parse::<Op>()
             .context("--op")?;
     let inputs = eval_inputs(&a.eval)?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
+    let _lock = a.out.as_deref().map(crate::lock::Lock::dir).transpose()?;
     let model = Model::load(&a.model)?;
     let site = NormSite::parse(norm, a.layer, &model)?;
     let h = model.config.hidden_size;
@@ -280,9 +279,7 @@ struct StructCondition {
 fn run_structured(a: StructuredArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
     let inputs = eval_inputs(&a.eval)?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
     let model = Model::load(&a.model)?;
     let layers = parse_list(&a.layers, model.config.num_layers, "layer")?;
     let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();

@@ -42,9 +42,9 @@ pub struct ForgetArgs {
 pub fn run(a: ForgetArgs) -> Result<()> {
     let train = data::from_dir_or_pairs(&a.train)?;
     let eval = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
-    for t in train.iter().chain(&eval) {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&train, a.hyper.data_tokens)?;
+    super::ppl::check_texts(&eval, a.hyper.eval_tokens)?;
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let spec = ForgetSpec {
         model: a.model.clone(),
         train,

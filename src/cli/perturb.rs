@@ -35,6 +35,7 @@ pub fn run(a: PerturbArgs) -> Result<()> {
     if !a.region.is_file() {
         bail!("{}: no such mask file", a.region.display());
     }
+    let _lock = crate::lock::Lock::dir(&a.save)?;
     let model = Model::load(&a.model)?;
     let region = mask::load_for(&a.region, &model)?;
     let saved = ops::apply(&model, &region, &op, a.seed)?;

@@ -39,7 +39,7 @@ struct PplOutput {
     results: Vec<PplResult>,
 }
 
-/// Tokenizes each input, applying `max_tokens`.
+/// Tokenizes each input (read once; with `max_tokens`, only the prefix those tokens need).
 pub fn load_texts(
     model: &Model,
     inputs: &[data::TextInput],
@@ -48,25 +48,20 @@ pub fn load_texts(
     let tok = model.tokenizer()?;
     inputs
         .iter()
-        .map(|t| {
-            let text = data::read_text(&t.path)?;
-            let mut ids = tok.encode(&text)?;
-            if let Some(n) = max_tokens {
-                ids.truncate(n);
-            }
-            if ids.len() < 2 {
-                anyhow::bail!("{}: fewer than 2 tokens to evaluate", t.path.display());
-            }
-            Ok((t.lang.clone(), ids))
-        })
+        .map(|t| Ok((t.lang.clone(), data::text_tokens(tok, &t.path, max_tokens)?)))
         .collect()
+}
+
+/// Checks each input before the model loads (read once, see [`data::open_text`]).
+pub fn check_texts(inputs: &[data::TextInput], max_tokens: Option<usize>) -> Result<()> {
+    inputs
+        .iter()
+        .try_for_each(|t| data::check_text(&t.path, max_tokens))
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
     let inputs = a.inputs.gather(Some(&data::default_eval_dir()))?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    check_texts(&inputs, a.max_tokens)?;
     let model = Model::load(&a.model)?;
     let texts = load_texts(&model, &inputs, a.max_tokens)?;
     let stride = a.stride.unwrap_or(a.seq_len);

@@ -3,6 +3,7 @@
 
 use super::args;
 use crate::data::split_values;
+use crate::lock::Lock;
 use crate::mask::{self, Coverage};
 use crate::outln;
 use crate::region::ops::{self as rops, SetOp};
@@ -227,6 +228,7 @@ fn finish(out: &Path, r: &Region, how: serde_json::Value, json: bool) -> Result<
 fn core(a: CoreArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
+    let _lock = Lock::file(&a.out)?;
     let (langs, scores) = region::scores::sum_abs(&files, a.include)?;
     let r = select::select(&scores, a.k, a.select, a.scope);
     drop(scores);
@@ -241,6 +243,7 @@ fn core(a: CoreArgs) -> Result<()> {
 fn mono(a: MonoArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
+    let _lock = Lock::file(&a.out)?;
     let (langs, r) = region::mono::mono(&files, &a.target, a.k, a.include, a.scope)?;
     check_model(&r, a.model.as_deref(), "the score files")?;
     let how = json!({
@@ -251,6 +254,7 @@ fn mono(a: MonoArgs) -> Result<()> {
 }
 
 fn random(a: RandomArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let like = load_mask(&a.like, a.model.as_deref())?;
     let r = region::random::random_like(&like, a.seed);
     let how = json!({"method": "random", "like": a.like, "seed": a.seed});
@@ -258,6 +262,7 @@ fn random(a: RandomArgs) -> Result<()> {
 }
 
 fn ops(a: OpsArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let x = load_mask(&a.a, a.model.as_deref())?;
     let y = load_mask(&a.b, a.model.as_deref())?;
     region::check_same_layout(
@@ -317,6 +322,7 @@ fn heatmap_name(tensor: &str) -> String {
 
 fn run_stats(a: StatsArgs) -> Result<()> {
     let r = load_mask(&a.mask, a.model.as_deref())?;
+    let _lock = Lock::dir(&a.out)?;
     let s = stats::region_stats(&r);
     let chosen = match split_values(&a.tensors) {
         t if t.is_empty() => stats::default_heatmap_tensors(&r, &s, 3),

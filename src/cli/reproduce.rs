@@ -42,6 +42,7 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
         only: split_values(&a.only),
         ..Options::default()
     };
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let s = study::run(&cfg, &a.out, &opts)?;
     if a.json {
         return super::print_json(&s);

@@ -4,6 +4,7 @@
 use super::args;
 use super::progress::bar;
 use crate::data;
+use crate::lock::Lock;
 use crate::model::Model;
 use crate::outln;
 use crate::score::{self, run, windows};
@@ -143,23 +144,20 @@ fn score(a: RunArgs) -> Result<()> {
         bail!("--tokens must be at least 2");
     }
     let inputs = a.inputs.gather(None)?;
-    let mut texts = Vec::new();
     for t in &inputs {
         run::check_lang(&t.lang)?;
-        texts.push(data::read_text(&t.path)?);
+        data::check_text(&t.path, a.tokens)?;
     }
+    // one lock per (language, shard) this run writes, all taken before any work: parallel
+    // jobs of other languages or shards go on, a second run of the same unit stops here
+    let locks = UnitLocks::take(&out, &inputs, shard)?;
     let model = Model::load(&a.model)?;
     let sha = score::model_sha256(&a.model)?;
     let tok = model.tokenizer()?;
     let mut ids = Vec::new();
-    for (t, text) in inputs.iter().zip(&texts) {
-        let v = windows::budget_tokens(tok, text, a.tokens)?;
-        if v.len() < 2 {
-            bail!("{}: fewer than 2 tokens", t.path.display());
-        }
-        ids.push(v);
+    for t in &inputs {
+        ids.push(data::text_tokens(tok, &t.path, a.tokens)?);
     }
-    drop(texts);
     let opts = run::Options {
         seq_len: a.seq_len,
         batch: a.batch,
@@ -192,6 +190,7 @@ fn score(a: RunArgs) -> Result<()> {
         results.push(o);
     }
     pb.finish_and_clear();
+    drop(locks);
     let secs = start.elapsed().as_secs_f64();
     let o = ScoreOutput {
         model: a.model.display().to_string(),
@@ -241,7 +240,9 @@ fn print_table(results: &[run::Outcome]) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
+    let locks = UnitLocks::take_merge(&a.out)?;
     let results = run::merge(&a.out)?;
+    drop(locks);
     if a.json {
         return super::print_json(&serde_json::json!({"out": a.out, "results": results}));
     }
@@ -249,6 +250,7 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn diff(a: DiffArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let base = Model::load(&a.base)?;
     let tuned = Model::load(&a.tuned)?;
     score::diff::check_same_params(&base, &a.base, &tuned, &a.tuned)?;
@@ -275,4 +277,79 @@ fn diff(a: DiffArgs) -> Result<()> {
         a.out.display()
     )?;
     Ok(())
+}
+
+/// The locks of a score run: one per (language, shard) unit under `DIR/.partial/`
+/// (`.<lang>[.shard-i-of-n].broca.lock`), released in reverse order; then an empty
+/// `DIR/.partial/` is removed, so only the results stay beside each other.
+struct UnitLocks {
+    out: PathBuf,
+    locks: Vec<Lock>,
+}
+
+impl UnitLocks {
+    fn take(
+        out: &std::path::Path,
+        inputs: &[data::TextInput],
+        shard: Option<windows::Shard>,
+    ) -> Result<UnitLocks> {
+        let dir = run::partial_dir(out);
+        let mut u = UnitLocks {
+            out: out.to_path_buf(),
+            locks: Vec::new(),
+        };
+        for t in inputs {
+            let unit = match shard {
+                Some(s) => format!("{}.{}", t.lang, s.tag()),
+                None => t.lang.clone(),
+            };
+            let what = match shard {
+                Some(s) => format!("{} (language {}, shard {s})", out.display(), t.lang),
+                None => format!("{} (language {})", out.display(), t.lang),
+            };
+            u.locks
+                .push(Lock::part(&dir, &unit, std::path::Path::new(&what))?);
+        }
+        // temporary results of killed runs sit beside the results
+        crate::io::sweep_stale(out, 0);
+        Ok(u)
+    }
+
+    /// `score merge` writes `DIR/<lang>.safetensors` of every language with shard results:
+    /// it takes those languages' units.
+    fn take_merge(out: &std::path::Path) -> Result<UnitLocks> {
+        let dir = run::partial_dir(out);
+        let mut langs = std::collections::BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some((lang, _)) = name
+                    .strip_suffix(".safetensors")
+                    .and_then(|n| n.rsplit_once(".shard-"))
+                {
+                    if !lang.starts_with('.') {
+                        langs.insert(lang.to_string());
+                    }
+                }
+            }
+        }
+        let inputs: Vec<data::TextInput> = langs
+            .into_iter()
+            .map(|lang| data::TextInput {
+                lang,
+                path: PathBuf::new(),
+            })
+            .collect();
+        UnitLocks::take(out, &inputs, None)
+    }
+}
+
+impl Drop for UnitLocks {
+    fn drop(&mut self) {
+        while let Some(l) = self.locks.pop() {
+            drop(l);
+        }
+        crate::io::sweep_stale(&self.out, 0);
+        let _ = std::fs::remove_dir(run::partial_dir(&self.out));
+    }
 }

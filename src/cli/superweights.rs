@@ -39,18 +39,14 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
         .eval
         .clone()
         .unwrap_or_else(|| data::default_eval_dir().join("en.txt"));
-    let text = data::read_text(&eval_path)?;
+    data::check_text(&eval_path, Some(a.max_tokens))?;
     let model = Model::load(&a.model)?;
     let tok = model.tokenizer()?;
     let prompt_ids = tok.encode(&a.prompt)?;
     if prompt_ids.is_empty() {
         bail!("--prompt: no tokens");
     }
-    let mut ids = tok.encode(&text)?;
-    ids.truncate(a.max_tokens);
-    if ids.len() < 2 {
-        bail!("{}: fewer than 2 tokens", eval_path.display());
-    }
+    let ids = data::text_tokens(tok, &eval_path, Some(a.max_tokens))?;
     let (base, out) = find_and_verify(&model, &prompt_ids, &ids, a.top)?;
     if a.json {
         return super::print_json(&serde_json::json!({

@@ -167,9 +167,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         data::from_dir_or_pairs(&a.eval)?
     };
-    for t in data_in.iter().chain(&eval_in) {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&data_in, a.hyper.data_tokens)?;
+    super::ppl::check_texts(&eval_in, a.hyper.eval_tokens)?;
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let mut model = train::into_f32(Model::load(&a.model)?)?;
     let freeze = union_masks(&a.freeze, &model)?;
     let inputs = TrainInputs {
