@@ -115,16 +115,18 @@ pub fn from_dir_or_pairs(values: &[String]) -> Result<Vec<TextInput>> {
     Ok(out)
 }
 
-/// Gathers the inputs of `--text`, `--lang` and `--data`; with none, `default` (if given).
+/// Gathers the inputs of `--text`, `--lang` and `--data` (whose flag is called `data_flag` in
+/// errors: `--data`, `--eval`); with none, `default` (if given).
 pub fn gather(
     text: &[String],
     lang: &[String],
     data: &[String],
+    data_flag: &str,
     default: Option<&Path>,
 ) -> Result<Vec<TextInput>> {
     let mut out = from_files(text);
-    out.extend(from_pairs(lang)?);
-    out.extend(from_dir_or_pairs(data)?);
+    out.extend(from_pairs(lang).context("--lang")?);
+    out.extend(from_dir_or_pairs(data).with_context(|| data_flag.to_string())?);
     if out.is_empty() {
         match default {
             Some(d) => {

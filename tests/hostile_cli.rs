@@ -668,6 +668,75 @@ fn usage_errors_are_one_line_naming_the_flag() {
         let line = refused(d, args, &[flag]);
         assert_eq!(line.lines().count(), 1);
     }
+    // string flags whose values are checked after parsing name the flag too
+    let tiny = tiny_model();
+    let t = s(tiny);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["ppl", "--lang", "x"], "--lang"),
+        (vec!["ppl", "--data", "x=", "--model", t], "--data"),
+        (vec!["ablate", "--model", t, "--region", "x"], "--region"),
+        (
+            vec!["ablate", "--region", "a=b", "--controls", "sideways"],
+            "--controls",
+        ),
+        (
+            vec!["ablate", "--region", "a=b", "--eval", "nosuchdir"],
+            "--eval",
+        ),
+        (
+            vec![
+                "dims", "--model", t, "--norm", "input", "--layer", "0", "--op", "zero", "--dims",
+                "1,x",
+            ],
+            "--dims",
+        ),
+        (
+            vec![
+                "dims", "--model", t, "--norm", "input", "--layer", "9", "--op", "zero",
+            ],
+            "--layer 9",
+        ),
+        (
+            vec![
+                "dims",
+                "structured",
+                "--model",
+                t,
+                "--dim",
+                "1",
+                "--op",
+                "zero",
+                "--layers",
+                "0-x",
+            ],
+            "--layers",
+        ),
+        (
+            vec!["reproduce", "--preset", "sideways", "--out", out],
+            "--preset",
+        ),
+        (
+            vec!["train", "--data", "x=", "--steps", "1", "--out", out],
+            "--data",
+        ),
+        (
+            vec![
+                "forget",
+                "--train",
+                "x=",
+                "--freeze-region",
+                m,
+                "--steps",
+                "1",
+                "--out",
+                out,
+            ],
+            "--train",
+        ),
+    ];
+    for (args, flag) in &cases {
+        refused(d, args, &[flag]);
+    }
     // help and version: full text on stdout, exit 0
     for args in [
         vec!["--help"],

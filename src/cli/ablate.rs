@@ -9,7 +9,7 @@ use crate::outln;
 use crate::perturb::ablate::{ablate, Ablation, AblationSpec};
 use crate::perturb::ops;
 use crate::perturb::select::{self, Control};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,7 +51,7 @@ pub struct AblateArgs {
 /// `NAME=FILE` region arguments, loaded and checked against the model.
 fn load_regions(values: &[String], model: &Model) -> Result<Vec<(String, Mask)>> {
     let mut out: Vec<(String, Mask)> = Vec::new();
-    for t in data::from_pairs(values)? {
+    for t in data::from_pairs(values).context("--region")? {
         if out.iter().any(|(n, _)| *n == t.lang) {
             bail!("region name '{}' given twice", t.lang);
         }
@@ -64,10 +64,10 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
     let controls: Vec<Control> = data::split_values(&a.controls)
         .iter()
-        .map(|c| Control::parse(c))
+        .map(|c| Control::parse(c).context("--controls"))
         .collect::<Result<_>>()?;
     let needs_scores = controls.iter().any(|c| *c != Control::Random);
-    let inputs = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
+    let inputs = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
     super::ppl::check_texts(&inputs, a.max_tokens)?;
     let model = Model::load(&a.model)?;
     let regions = load_regions(&a.region, &model)?;

@@ -146,7 +146,7 @@ pub fn parse_list(s: &str, n: usize, what: &str) -> Result<Vec<usize>> {
 /// The evaluation texts of the scans: `--eval`, or the default UDHR languages.
 fn eval_inputs(values: &[String]) -> Result<Vec<data::TextInput>> {
     if !values.is_empty() {
-        return data::from_dir_or_pairs(values);
+        return data::from_dir_or_pairs(values).context("--eval");
     }
     let dir = data::default_eval_dir();
     DEFAULT_LANGS
@@ -188,9 +188,12 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
     let _lock = a.out.as_deref().map(crate::lock::Lock::dir).transpose()?;
     let model = Model::load(&a.model)?;
-    let site = NormSite::parse(norm, a.layer, &model)?;
+    let site = NormSite::parse(norm, a.layer, &model).with_context(|| match a.layer {
+        Some(l) => format!("--norm {norm} --layer {l}"),
+        None => format!("--norm {norm}"),
+    })?;
     let h = model.config.hidden_size;
-    let dims = parse_list(&a.dims, h, "dimension")?;
+    let dims = parse_list(&a.dims, h, "dimension").context("--dims")?;
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
     let params = ScanParams {
         site,
@@ -281,7 +284,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
     let inputs = eval_inputs(&a.eval)?;
     super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
     let model = Model::load(&a.model)?;
-    let layers = parse_list(&a.layers, model.config.num_layers, "layer")?;
+    let layers = parse_list(&a.layers, model.config.num_layers, "layer").context("--layers")?;
     let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();
     let h = model.config.hidden_size;
     if a.dim >= h {

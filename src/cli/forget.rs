@@ -5,7 +5,7 @@ use super::train::HyperArgs;
 use crate::data;
 use crate::train::forget::{self, ForgetSpec};
 use crate::{out, outln};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -40,8 +40,8 @@ pub struct ForgetArgs {
 }
 
 pub fn run(a: ForgetArgs) -> Result<()> {
-    let train = data::from_dir_or_pairs(&a.train)?;
-    let eval = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
+    let train = data::from_dir_or_pairs(&a.train).context("--train")?;
+    let eval = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
     super::ppl::check_texts(&train, a.hyper.data_tokens)?;
     super::ppl::check_texts(&eval, a.hyper.eval_tokens)?;
     let _lock = crate::lock::Lock::dir(&a.out)?;

@@ -97,7 +97,7 @@ pub struct TextArgs {
 impl TextArgs {
     /// The named texts these flags give; `default` is used when none is given.
     pub fn gather(&self, default: Option<&std::path::Path>) -> Result<Vec<crate::data::TextInput>> {
-        crate::data::gather(&self.text, &self.lang, &self.data, default)
+        crate::data::gather(&self.text, &self.lang, &self.data, "--data", default)
     }
 }
 

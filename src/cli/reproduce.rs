@@ -3,7 +3,7 @@
 use crate::data::split_values;
 use crate::outln;
 use crate::study::{self, config::StudyConfig, Options};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -32,7 +32,7 @@ pub struct ReproduceArgs {
 pub fn run(a: ReproduceArgs) -> Result<()> {
     let mut cfg = match (&a.preset, &a.config) {
         (_, Some(p)) => StudyConfig::from_file(p)?,
-        (Some(p), None) => StudyConfig::preset(p)?,
+        (Some(p), None) => StudyConfig::preset(p).context("--preset")?,
         (None, None) => bail!("give --preset quick|full or --config FILE"),
     };
     if let Some(m) = &a.model {

@@ -161,11 +161,11 @@ pub fn union_masks(paths: &[String], model: &Model) -> Result<Option<Mask>> {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = a.hyper.config(true)?;
-    let data_in = data::from_dir_or_pairs(&a.data)?;
+    let data_in = data::from_dir_or_pairs(&a.data).context("--data")?;
     let eval_in = if a.eval.is_empty() {
         Vec::new()
     } else {
-        data::from_dir_or_pairs(&a.eval)?
+        data::from_dir_or_pairs(&a.eval).context("--eval")?
     };
     super::ppl::check_texts(&data_in, a.hyper.data_tokens)?;
     super::ppl::check_texts(&eval_in, a.hyper.eval_tokens)?;
