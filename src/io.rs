@@ -50,34 +50,48 @@ pub fn atomic_write_with(
     res.with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// The temporary name of `path` for this process: `.NAME.PID.tmp` beside it.
+/// The temporary name of `path` for this process: `.NAME.broca-PID.tmp` beside it.
 pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}.broca-{}.tmp", std::process::id()))
 }
 
-/// The process id in a temporary name this tool makes (`.NAME.PID.tmp`, and the older
-/// checkpoint form `.step-N.tmp-PID`), or `None` for any other name.
+/// Extensions of the files Broca writes: an older temporary name `.NAME.PID.tmp` counts as
+/// this tool's only when NAME ends with one of them.
+const OWN_EXTENSIONS: [&str; 7] = [
+    ".safetensors",
+    ".json",
+    ".csv",
+    ".png",
+    ".html",
+    ".toml",
+    ".txt",
+];
+
+/// The process id in a temporary name this tool makes (`.NAME.broca-PID.tmp`; the older
+/// `.NAME.PID.tmp` of Broca's own files and `.step-N.PID.tmp` / `.step-N.tmp-PID` of
+/// checkpoints), or `None` for any other name.
 pub fn temp_name_pid(name: &str) -> Option<u32> {
-    if !name.starts_with('.') {
-        return None;
+    let digits = |p: &str| -> Option<u32> {
+        (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse().ok())
+            .flatten()
+    };
+    let inner = name.strip_prefix('.')?;
+    if let Some(rest) = inner.strip_suffix(".tmp") {
+        let (stem, tail) = rest.rsplit_once('.')?;
+        if let Some(pid) = tail.strip_prefix("broca-") {
+            return digits(pid);
+        }
+        let ours = stem.starts_with("step-") || OWN_EXTENSIONS.iter().any(|e| stem.ends_with(e));
+        return if ours { digits(tail) } else { None };
     }
-    if let Some(rest) = name.strip_suffix(".tmp") {
-        let (_, pid) = rest.rsplit_once('.')?;
-        return pid
-            .parse()
-            .ok()
-            .filter(|_| pid.bytes().all(|b| b.is_ascii_digit()));
-    }
-    if name.starts_with(".step-") {
-        let (_, pid) = name.rsplit_once(".tmp-")?;
-        return pid
-            .parse()
-            .ok()
-            .filter(|_| pid.bytes().all(|b| b.is_ascii_digit()));
+    if inner.starts_with("step-") {
+        let (_, pid) = inner.rsplit_once(".tmp-")?;
+        return digits(pid);
     }
     None
 }
@@ -103,16 +117,25 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Removes, in `dir` and `depth` levels of folders below it (not following links), the
-/// temporary names of this tool whose process is gone ([`temp_name_pid`]) and lock files that
-/// no process holds ([`crate::lock`]). A missing `dir` is fine; entries that cannot be
-/// removed are left.
+/// Removes, in `dir` and `depth` levels of folders below it (not following links nor
+/// entering hidden folders other than `.partial`), the temporary names of this tool whose
+/// process is gone ([`temp_name_pid`]) and lock files that no process holds
+/// ([`crate::lock`]). A missing `dir` is fine; entries that cannot be removed are left; at
+/// most 100,000 entries are looked at.
 pub fn sweep_stale(dir: &Path, depth: usize) {
-    fn walk(dir: &Path, depth: usize) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
+    fn walk(dir: &Path, depth: usize, budget: &mut usize) {
+        let Ok(rd) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) else {
             return;
         };
         for e in rd.flatten() {
+            if *budget == 0 {
+                return;
+            }
+            *budget -= 1;
             let name = e.file_name().to_string_lossy().to_string();
             let Ok(ft) = e.file_type() else { continue };
             let p = e.path();
@@ -126,12 +149,12 @@ pub fn sweep_stale(dir: &Path, depth: usize) {
                 crate::lock::remove_if_stale(&p);
                 continue;
             }
-            if ft.is_dir() && depth > 0 {
-                walk(&p, depth - 1);
+            if ft.is_dir() && depth > 0 && (!name.starts_with('.') || name == ".partial") {
+                walk(&p, depth - 1, budget);
             }
         }
     }
-    walk(dir, depth);
+    walk(dir, depth, &mut 100_000);
 }
 
 /// Removes a file, or a folder with its contents; errors are ignored.
@@ -369,4 +392,32 @@ pub fn read_safetensors(
             )
         })?;
     Ok((tensors, metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_of_this_tool_only() {
+        let me = temp_path(Path::new("d/x.safetensors"));
+        let me = me.file_name().unwrap().to_str().unwrap();
+        assert_eq!(temp_name_pid(me), Some(std::process::id()));
+        assert_eq!(temp_name_pid(".step-4.broca-77.tmp"), Some(77));
+        assert_eq!(temp_name_pid(".ar.state.safetensors.12.tmp"), Some(12));
+        assert_eq!(temp_name_pid(".eval.csv.12.tmp"), Some(12));
+        assert_eq!(temp_name_pid(".step-4.12.tmp"), Some(12));
+        assert_eq!(temp_name_pid(".step-4.tmp-12"), Some(12));
+        for other in [
+            ".notes.12.tmp",
+            "x.safetensors.12.tmp",
+            ".x.safetensors.tmp",
+            ".x.safetensors.+12.tmp",
+            ".x.safetensors.broca-.tmp",
+            ".tmp",
+            "..tmp",
+        ] {
+            assert_eq!(temp_name_pid(other), None, "{other}");
+        }
+    }
 }

@@ -1229,7 +1229,7 @@ fn leftovers_of_killed_runs_are_swept() {
     let dead = dead_pid();
     // a killed save, a killed prune (old and new names), a killed file write; and a live one
     let planted = [
-        ck.join(format!(".step-3.{dead}.tmp")),
+        ck.join(format!(".step-3.broca-{dead}.tmp")),
         ck.join(format!(".step-1.tmp-{dead}")),
         ck.join(format!(".step-0.{dead}.tmp")),
     ];
@@ -1239,8 +1239,14 @@ fn leftovers_of_killed_runs_are_swept() {
     }
     let tmp_file = out.join(format!(".eval.csv.{dead}.tmp"));
     std::fs::write(&tmp_file, b"half").unwrap();
-    let alive = out.join(format!(".keep.{}.tmp", std::process::id()));
+    let alive = out.join(format!(
+        ".keep.safetensors.broca-{}.tmp",
+        std::process::id()
+    ));
     std::fs::write(&alive, b"a live process's").unwrap();
+    // not a name of ours: never touched
+    let foreign = out.join(format!(".notes.{dead}.tmp"));
+    std::fs::write(&foreign, b"someone else's").unwrap();
     train(&["--resume"]);
     for p in planted.iter().chain([&tmp_file]) {
         assert!(!p.exists(), "{} survived the next run", p.display());
@@ -1249,7 +1255,9 @@ fn leftovers_of_killed_runs_are_swept() {
         alive.exists(),
         "a live process's temporary file was removed"
     );
+    assert!(foreign.exists(), "another tool's file was removed");
     std::fs::remove_file(&alive).unwrap();
+    std::fs::remove_file(&foreign).unwrap();
     let names: Vec<String> = std::fs::read_dir(&ck)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
