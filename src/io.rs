@@ -1,7 +1,7 @@
 //! Output files are written atomically: to a temporary file beside the target, then renamed,
 //! so a crash never leaves a half-written result.
 //!
-//! Temporary names are `.NAME.PID.tmp` beside the target (files and checkpoint folders
+//! Temporary names are `.NAME.broca-PID.tmp` beside the target (files and checkpoint folders
 //! alike, see [`temp_path`]). Each one is held by a [`TempPath`], which removes it unless it
 //! was renamed into place, and is registered so that a Ctrl-C or SIGTERM removes it too
 //! ([`cleanup_on_signals`]). What a SIGKILL leaves behind is swept by the next run

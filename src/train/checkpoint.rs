@@ -2,7 +2,7 @@
 //! checkpoint (`config.json`, `model.safetensors`, `tokenizer.json`), the AdamW moments
 //! (`optimizer.safetensors`, tensors `m.NAME` and `v.NAME`) and `state.json` (step, data
 //! position, RNG seed and epoch, fingerprint of the run's settings, losses and eval points so
-//! far). A checkpoint is written into a temporary directory (`.step-N.PID.tmp`) and renamed
+//! far). A checkpoint is written into a temporary directory (`.step-N.broca-PID.tmp`) and renamed
 //! into place when complete; old ones are renamed to a temporary name before being deleted.
 
 use super::adamw::{AdamW, Moments};
@@ -111,7 +111,7 @@ pub fn save(
     let r = root(out);
     std::fs::create_dir_all(&r).with_context(|| format!("{}: cannot create", r.display()))?;
     let dest = r.join(format!("step-{}", state.step));
-    // `.step-N.PID.tmp`: removed on error or signal, swept after a kill
+    // `.step-N.broca-PID.tmp`: removed on error or signal, swept after a kill
     let tmp_name = crate::io::temp_path(&dest);
     let tmp = crate::io::TempPath::create_dir(tmp_name.clone())
         .with_context(|| format!("{}: cannot create", tmp_name.display()))?;
