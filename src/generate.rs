@@ -27,6 +27,9 @@ impl Default for Sampling {
 pub fn generate(model: &Model, prompt: &str, max_tokens: usize, s: &Sampling) -> Result<String> {
     let tok = model.tokenizer()?;
     let mut ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        anyhow::bail!("the prompt has no tokens");
+    }
     let n0 = ids.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let eos = tok.eos.or(model.config.eos_token_id);

@@ -2,7 +2,8 @@
 //!
 //! Modules, one per concept: [`model`] (checkpoints, forward with autograd), [`tokenizer`],
 //! [`data`] (text inputs and windows), [`eval`] (perplexity, bits per byte), [`bench`],
-//! [`io`] (atomic output files), [`synth`] (random checkpoints with a real model's shapes)
+//! [`io`] (atomic output files, temporary names), [`lock`] (one writer per output),
+//! [`memory`] (budgets and plans), [`synth`] (random checkpoints with a real model's shapes)
 //! and [`cli`].
 
 pub mod bench;
@@ -11,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod lock;
 pub mod mask;
 pub mod memory;
 pub mod model;

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() {
     // candle's CPU thread pool spins at barriers; with few cores that costs more than it saves.
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
@@ -10,10 +8,21 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     keep_freed_memory();
-    let cli = broca::cli::Cli::parse();
-    if let Err(e) = broca::cli::run(cli) {
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {msg}");
+    let cli = match broca::cli::args::parse() {
+        broca::cli::args::Parsed::Run(cli) => *cli,
+        broca::cli::args::Parsed::Exit(code) => std::process::exit(code),
+    };
+    // Ctrl-C, SIGTERM, SIGHUP: remove this run's lock and temporary files, then exit.
+    broca::io::cleanup_on_signals();
+    let res = broca::cli::run(cli);
+    // locks and temporary files of the run are dropped by now; nothing may outlive it
+    broca::io::cleanup_now();
+    if let Err(e) = res {
+        if broca::cli::output::is_stdout_closed(&e) {
+            // the reader of our stdout went away (`broca … | head -1`): a quiet end
+            std::process::exit(0);
+        }
+        broca::cli::output::error_line(&format!("{e:#}"));
         std::process::exit(1);
     }
 }

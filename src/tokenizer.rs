@@ -177,6 +177,49 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The first `n` tokens (BOS included) of a text of which `text` is a prefix, equal to
+    /// the first `n` of encoding the whole text; `complete` says that `text` is all of it.
+    /// Only prefixes that end where no pre-token can span ([`prefix_cut`]) are encoded, growing
+    /// until they give `n` tokens, so a small `n` does not pay for a whole book. `None` when
+    /// `text` is not complete and too short to tell.
+    pub fn encode_first(&self, text: &str, n: usize, complete: bool) -> Result<Option<Vec<u32>>> {
+        // a first guess of about 4 bytes per token, then doubling
+        let mut from = n.saturating_mul(4).max(1024);
+        let mut tried = 0;
+        loop {
+            let cut = if from < text.len() {
+                prefix_cut(text, from)
+            } else {
+                None
+            };
+            let Some(c) = cut else {
+                if complete {
+                    let mut ids = self.encode(text)?;
+                    ids.truncate(n);
+                    return Ok(Some(ids));
+                }
+                // all that is loaded: the last point where it may be cut
+                return match last_prefix_cut(text).filter(|&c| c > tried) {
+                    Some(c) => {
+                        let mut ids = self.encode(&text[..c])?;
+                        Ok((ids.len() >= n).then(|| {
+                            ids.truncate(n);
+                            ids
+                        }))
+                    }
+                    None => Ok(None),
+                };
+            };
+            let mut ids = self.encode(&text[..c])?;
+            if ids.len() >= n {
+                ids.truncate(n);
+                return Ok(Some(ids));
+            }
+            tried = c;
+            from = c.saturating_mul(2);
+        }
+    }
+
     /// Decodes ids back to text (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -257,4 +300,55 @@ fn solid_around(text: &str, i: usize) -> bool {
     let before = text[..i].chars().next_back();
     let after = text[i + 1..].chars().next();
     matches!((before, after), (Some(a), Some(b)) if !a.is_whitespace() && !b.is_whitespace())
+}
+
+/// Whether a text may be cut at byte `i` without changing any token before the cut: right
+/// after a `\n` with non-space characters on both sides, or right before a space or tab that
+/// follows a non-space character. No pre-tokenizer pattern of the supported models (GPT-2,
+/// SmolLM, Qwen2) lets a pre-token cross either point, and each pattern decides the
+/// pre-tokens before it from characters before it; special tokens hold no spaces.
+fn is_prefix_cut(text: &str, i: usize) -> bool {
+    let b = text.as_bytes();
+    if i == 0 || i >= b.len() || !text.is_char_boundary(i) {
+        return false;
+    }
+    let before = |j: usize| text[..j].chars().next_back();
+    match b[i] {
+        b' ' | b'\t' => before(i).is_some_and(|c| !c.is_whitespace()),
+        _ if b[i - 1] == b'\n' => {
+            i >= 2
+                && before(i - 1).is_some_and(|c| !c.is_whitespace())
+                && text[i..].chars().next().is_some_and(|c| !c.is_whitespace())
+        }
+        _ => false,
+    }
+}
+
+/// The first point at or after byte `from` where `text` may be cut ([`is_prefix_cut`]).
+pub fn prefix_cut(text: &str, from: usize) -> Option<usize> {
+    (from.max(1)..text.len()).find(|&i| is_prefix_cut(text, i))
+}
+
+/// The last point where `text` may be cut ([`is_prefix_cut`]).
+pub fn last_prefix_cut(text: &str) -> Option<usize> {
+    (1..text.len()).rev().find(|&i| is_prefix_cut(text, i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_cuts_only_where_no_pre_token_spans() {
+        let t = "ab\n\ncd\nef gh  ij\tk";
+        let cuts: Vec<usize> = (0..t.len()).filter(|&i| is_prefix_cut(t, i)).collect();
+        // after "cd\n" (solid on both sides), before the space after "ef", before the two
+        // spaces after "gh" (only the first: the second follows a space), before the tab
+        assert_eq!(cuts, vec![7, 9, 12, 16]);
+        assert_eq!(prefix_cut(t, 0), Some(7));
+        assert_eq!(prefix_cut(t, 13), Some(16));
+        assert_eq!(prefix_cut(t, 17), None);
+        assert_eq!(last_prefix_cut(t), Some(16));
+        assert_eq!(prefix_cut("中文。中文", 0), None);
+    }
 }

@@ -1,13 +1,15 @@
 //! `broca ablate`: PPL and bits per byte per language under base, each region × op, and
 //! equal-size controls (random / bottom / top per tensor).
 
+use super::args;
 use crate::data;
 use crate::mask::{self, Mask};
 use crate::model::Model;
+use crate::outln;
 use crate::perturb::ablate::{ablate, Ablation, AblationSpec};
 use crate::perturb::ops;
 use crate::perturb::select::{self, Control};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,14 +34,14 @@ pub struct AblateArgs {
     /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: the 30 UDHR languages.
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub eval: Vec<String>,
-    /// Keep only the first N tokens of each text.
-    #[arg(long)]
+    /// Keep only the first N tokens of each text (at least 2).
+    #[arg(long, value_parser = args::token_budget)]
     pub max_tokens: Option<usize>,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::seq_len)]
     pub seq_len: usize,
     /// Seed for randomize/noise and the random control.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -49,7 +51,7 @@ pub struct AblateArgs {
 /// `NAME=FILE` region arguments, loaded and checked against the model.
 fn load_regions(values: &[String], model: &Model) -> Result<Vec<(String, Mask)>> {
     let mut out: Vec<(String, Mask)> = Vec::new();
-    for t in data::from_pairs(values)? {
+    for t in data::from_pairs(values).context("--region")? {
         if out.iter().any(|(n, _)| *n == t.lang) {
             bail!("region name '{}' given twice", t.lang);
         }
@@ -62,13 +64,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
     let controls: Vec<Control> = data::split_values(&a.controls)
         .iter()
-        .map(|c| Control::parse(c))
+        .map(|c| Control::parse(c).context("--controls"))
         .collect::<Result<_>>()?;
     let needs_scores = controls.iter().any(|c| *c != Control::Random);
-    let inputs = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    let inputs = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
+    super::ppl::check_texts(&inputs, a.max_tokens)?;
     let model = Model::load(&a.model)?;
     let regions = load_regions(&a.region, &model)?;
     let scores = if needs_scores {
@@ -101,12 +101,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
     if a.json {
         return super::print_json(&output);
     }
-    print_table(&output);
-    Ok(())
+    print_table(&output)
 }
 
-fn print_table(o: &Ablation) {
-    println!("model: {}  (PPL per language; token-weighted)", o.model);
+fn print_table(o: &Ablation) -> Result<()> {
+    outln!("model: {}  (PPL per language; token-weighted)", o.model)?;
     let mut head = format!(
         "{:<22} {:<18} {:>12} {:>9}",
         "condition", "op", "geomean_ppl", "ratio"
@@ -114,7 +113,7 @@ fn print_table(o: &Ablation) {
     for l in &o.languages {
         head.push_str(&format!(" {l:>9}"));
     }
-    println!("{head}");
+    outln!("{head}")?;
     for c in &o.conditions {
         let mut row = format!(
             "{:<22} {:<18} {:>12} {:>9.3}",
@@ -126,8 +125,9 @@ fn print_table(o: &Ablation) {
         for r in &c.results {
             row.push_str(&format!(" {:>9}", fmt_ppl(r.ppl)));
         }
-        println!("{row}");
+        outln!("{row}")?;
     }
+    Ok(())
 }
 
 /// PPL for tables: fixed point while small, scientific when huge.

@@ -3,10 +3,12 @@
 //! perturbed everywhere it appears.
 
 use super::ablate::fmt_ppl;
+use super::args;
 use super::progress::bar;
 use crate::data;
 use crate::eval::{self, geomean};
 use crate::model::Model;
+use crate::outln;
 use crate::perturb::dims::NormSite;
 use crate::perturb::ops::{self, Op};
 use crate::perturb::scan::{self as pscan, DimRow, ScanOutput, ScanParams};
@@ -41,7 +43,7 @@ pub struct ScanArgs {
     #[arg(long, default_value_os_t = super::default_model())]
     pub model: PathBuf,
     /// Layer of the norm (not needed for --norm final).
-    #[arg(long)]
+    #[arg(long, value_parser = args::count)]
     pub layer: Option<usize>,
     /// Which RMSNorm: input, post_attention or final.
     #[arg(long)]
@@ -55,20 +57,20 @@ pub struct ScanArgs {
     /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: UDHR en zh ar ru de.
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub eval: Vec<String>,
-    /// Tokens per text in the screening stage (every dimension).
-    #[arg(long, default_value_t = 64)]
+    /// Tokens per text in the screening stage (every dimension; at least 2).
+    #[arg(long, default_value_t = 64, value_parser = args::token_budget)]
     pub screen_tokens: usize,
     /// How many of the most damaging dimensions are measured again at --max-tokens.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = args::count)]
     pub confirm_top: usize,
-    /// Tokens per text in the confirmation stage.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per text in the confirmation stage (at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::token_budget)]
     pub max_tokens: usize,
-    /// Perturbed copies per forward (default: about 1024 tokens per forward).
-    #[arg(long)]
+    /// Perturbed copies per forward (default: about 1024 tokens per forward; at least 1).
+    #[arg(long, value_parser = args::positive_usize)]
     pub batch: Option<usize>,
     /// Seed for randomize / noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Folder for dims.json, dims.csv and dims.png.
     #[arg(long)]
@@ -84,7 +86,7 @@ pub struct StructuredArgs {
     #[arg(long, default_value_os_t = super::default_model())]
     pub model: PathBuf,
     /// The hidden dimension.
-    #[arg(long)]
+    #[arg(long, value_parser = args::count)]
     pub dim: usize,
     /// Layers: all, or a list (commas, ranges A-B).
     #[arg(long, default_value = "all")]
@@ -98,11 +100,11 @@ pub struct StructuredArgs {
     /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: UDHR en zh ar ru de.
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub eval: Vec<String>,
-    /// Tokens per text (one window).
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per text (one window; at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::token_budget)]
     pub max_tokens: usize,
     /// Seed for randomize / noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -144,7 +146,7 @@ pub fn parse_list(s: &str, n: usize, what: &str) -> Result<Vec<usize>> {
 /// The evaluation texts of the scans: `--eval`, or the default UDHR languages.
 fn eval_inputs(values: &[String]) -> Result<Vec<data::TextInput>> {
     if !values.is_empty() {
-        return data::from_dir_or_pairs(values);
+        return data::from_dir_or_pairs(values).context("--eval");
     }
     let dir = data::default_eval_dir();
     DEFAULT_LANGS
@@ -180,18 +182,18 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let op: Op =
         a.op.as_deref()
             .context("dims: --op is required (e.g. scale:10)")?
-            .parse()?;
-    if a.screen_tokens < 2 || a.max_tokens < 2 {
-        bail!("--screen-tokens and --max-tokens must be at least 2");
-    }
+            .parse::<Op>()
+            .context("--op")?;
     let inputs = eval_inputs(&a.eval)?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
+    let _lock = a.out.as_deref().map(crate::lock::Lock::dir).transpose()?;
     let model = Model::load(&a.model)?;
-    let site = NormSite::parse(norm, a.layer, &model)?;
+    let site = NormSite::parse(norm, a.layer, &model).with_context(|| match a.layer {
+        Some(l) => format!("--norm {norm} --layer {l}"),
+        None => format!("--norm {norm}"),
+    })?;
     let h = model.config.hidden_size;
-    let dims = parse_list(&a.dims, h, "dimension")?;
+    let dims = parse_list(&a.dims, h, "dimension").context("--dims")?;
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
     let params = ScanParams {
         site,
@@ -210,32 +212,37 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     if a.json {
         return super::print_json(&out);
     }
-    print_scan(&out, a.confirm_top);
-    Ok(())
+    print_scan(&out, a.confirm_top)
 }
 
-fn print_scan(o: &ScanOutput, top: usize) {
-    println!(
+fn print_scan(o: &ScanOutput, top: usize) -> Result<()> {
+    outln!(
         "model: {}  norm: {}  op: {}  languages: {}",
         o.model,
         o.norm,
         o.op,
         o.languages.join(" ")
-    );
-    println!(
+    )?;
+    outln!(
         "base geomean PPL: {} at {:?} tokens (screen), {} at {:?} tokens",
         fmt_ppl(o.base_screen_ppl),
         o.screen_tokens,
         fmt_ppl(o.base_ppl),
         o.max_tokens
-    );
-    println!(
+    )?;
+    outln!(
         "{:>4} {:>6} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "rank", "dim", "weight", "new", "screen_ppl", "ppl", "1st-order"
-    );
-    let line = |rank: String, r: &DimRow| {
+        "rank",
+        "dim",
+        "weight",
+        "new",
+        "screen_ppl",
+        "ppl",
+        "1st-order"
+    )?;
+    let line = |rank: String, r: &DimRow| -> Result<()> {
         let p = r.ppl.map_or("-".to_string(), fmt_ppl);
-        println!(
+        outln!(
             "{:>4} {:>6} {:>10.4} {:>10.4} {:>12} {:>12} {:>12.4}",
             rank,
             r.dim,
@@ -244,22 +251,22 @@ fn print_scan(o: &ScanOutput, top: usize) {
             fmt_ppl(r.screen_ppl),
             p,
             r.first_order_delta_nll
-        );
+        )
     };
     for (i, r) in o.dims.iter().take(top.max(1)).enumerate() {
-        line((i + 1).to_string(), r);
+        line((i + 1).to_string(), r)?;
     }
     if let Some(r) = o.dims.iter().find(|r| r.dim == o.median_dim) {
-        line("med".into(), r);
+        line("med".into(), r)?;
     }
-    println!(
+    outln!(
         "Spearman(first-order, screen) = {:.3}; Spearman(screen, confirm) over top {} = {}",
         o.spearman_first_order_vs_screen,
         top,
         o.spearman_screen_vs_confirm
             .map_or("-".into(), |v| format!("{v:.3}"))
-    );
-    println!("timing: {}", o.timing);
+    )?;
+    outln!("timing: {}", o.timing)
 }
 
 #[derive(Serialize)]
@@ -275,11 +282,9 @@ struct StructCondition {
 fn run_structured(a: StructuredArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
     let inputs = eval_inputs(&a.eval)?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
     let model = Model::load(&a.model)?;
-    let layers = parse_list(&a.layers, model.config.num_layers, "layer")?;
+    let layers = parse_list(&a.layers, model.config.num_layers, "layer").context("--layers")?;
     let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();
     let h = model.config.hidden_size;
     if a.dim >= h {
@@ -354,12 +359,12 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
             "languages": langs, "conditions": conds,
         }));
     }
-    println!(
+    outln!(
         "model: {}  dim: {}  layers: {}",
         a.model.display(),
         a.dim,
         a.layers
-    );
+    )?;
     let mut head = format!(
         "{:<26} {:<12} {:>8} {:>12} {:>9}",
         "condition", "op", "entries", "geomean_ppl", "ratio"
@@ -367,7 +372,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
     for l in &langs {
         head.push_str(&format!(" {l:>9}"));
     }
-    println!("{head}");
+    outln!("{head}")?;
     for c in &conds {
         let mut row = format!(
             "{:<26} {:<12} {:>8} {:>12} {:>9.3}",
@@ -383,7 +388,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
                 fmt_ppl(r["ppl"].as_f64().unwrap_or(f64::NAN))
             ));
         }
-        println!("{row}");
+        outln!("{row}")?;
     }
     Ok(())
 }

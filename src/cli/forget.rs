@@ -4,7 +4,8 @@
 use super::train::HyperArgs;
 use crate::data;
 use crate::train::forget::{self, ForgetSpec};
-use anyhow::Result;
+use crate::{out, outln};
+use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -39,11 +40,11 @@ pub struct ForgetArgs {
 }
 
 pub fn run(a: ForgetArgs) -> Result<()> {
-    let train = data::from_dir_or_pairs(&a.train)?;
-    let eval = data::gather(&[], &[], &a.eval, Some(&data::default_eval_dir()))?;
-    for t in train.iter().chain(&eval) {
-        data::read_text(&t.path)?;
-    }
+    let train = data::from_dir_or_pairs(&a.train).context("--train")?;
+    let eval = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
+    super::ppl::check_texts(&train, a.hyper.data_tokens)?;
+    super::ppl::check_texts(&eval, a.hyper.eval_tokens)?;
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let spec = ForgetSpec {
         model: a.model.clone(),
         train,
@@ -67,30 +68,30 @@ pub fn run(a: ForgetArgs) -> Result<()> {
         if list.is_empty() {
             continue;
         }
-        println!("{title}: PPL at step 0 -> step {} (ratio)", r.config.steps);
-        print!("{:<34}", "condition");
+        outln!("{title}: PPL at step 0 -> step {} (ratio)", r.config.steps)?;
+        out!("{:<34}", "condition")?;
         for l in &r.eval_langs {
-            print!(
+            out!(
                 " {:>22}",
                 if r.train_langs.contains(l) {
                     format!("{l}*")
                 } else {
                     l.clone()
                 }
-            );
+            )?;
         }
-        println!();
+        outln!()?;
         for c in list {
-            print!("{:<34}", c.condition);
+            out!("{:<34}", c.condition)?;
             for s in &c.summary {
-                print!(
+                out!(
                     " {:>22}",
                     format!("{:.2}->{:.2} ({:.2})", s.ppl_start, s.ppl_end, s.ratio)
-                );
+                )?;
             }
-            println!();
+            outln!()?;
         }
     }
-    println!("(* = trained language)  plots: {}", r.plots.join(", "));
+    outln!("(* = trained language)  plots: {}", r.plots.join(", "))?;
     Ok(())
 }

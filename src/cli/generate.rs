@@ -1,10 +1,12 @@
 //! `broca generate`: continue a prompt; with `--perturb SPEC…`, also under each perturbation,
 //! printed under the baseline.
 
+use super::args;
 use crate::generate::{generate, Sampling};
 use crate::model::Model;
+use crate::outln;
 use crate::perturb::{ops, spec};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -13,20 +15,20 @@ pub struct GenerateArgs {
     /// Model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value_os_t = super::default_model())]
     pub model: PathBuf,
-    /// The prompt to continue.
-    #[arg(long)]
+    /// The prompt to continue (not empty).
+    #[arg(long, value_parser = args::non_empty)]
     pub prompt: String,
-    /// Number of new tokens at most.
-    #[arg(long, default_value_t = 32)]
+    /// Number of new tokens at most (at least 1).
+    #[arg(long, default_value_t = 32, value_parser = args::positive_usize)]
     pub max_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature (0 = greedy; finite, not negative).
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative_f64)]
     pub temperature: f64,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = args::fraction)]
     pub top_p: f64,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Perturbations, each also generated: MASKFILE:OP, norm:LAYER:input|post_attention:DIM:OP
     /// or norm:final:DIM:OP (OP: zero, randomize, randomize-uniform, scale:F, noise:SIGMA).
@@ -39,6 +41,9 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
+    if model.tokenizer()?.encode(&a.prompt)?.is_empty() {
+        bail!("--prompt: no tokens");
+    }
     let specs: Vec<spec::Spec> = crate::data::split_values(&a.perturb)
         .iter()
         .map(|x| spec::parse(x, &model))
@@ -66,15 +71,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return super::print_json(&serde_json::json!({"prompt": a.prompt, "completions": c}));
     }
     if specs.is_empty() {
-        println!("{}{}", a.prompt, outs[0].1);
-        return Ok(());
+        return outln!("{}{}", a.prompt, outs[0].1);
     }
     for (i, (c, t)) in outs.iter().enumerate() {
         if i > 0 {
-            println!();
+            outln!()?;
         }
-        println!("[{c}]");
-        println!("{}{}", a.prompt, t);
+        outln!("[{c}]")?;
+        outln!("{}{}", a.prompt, t)?;
     }
     Ok(())
 }

@@ -2,10 +2,12 @@
 //! object on stdout; progress and logs go to stderr.
 
 mod ablate;
+pub mod args;
 mod bench;
 mod dims;
 mod forget;
 mod generate;
+pub mod output;
 mod perturb;
 mod ppl;
 pub mod progress;
@@ -99,12 +101,8 @@ pub struct TextArgs {
 impl TextArgs {
     /// The named texts these flags give; `default` is used when none is given.
     pub fn gather(&self, default: Option<&std::path::Path>) -> Result<Vec<crate::data::TextInput>> {
-        crate::data::gather(&self.text, &self.lang, &self.data, default)
+        crate::data::gather(&self.text, &self.lang, &self.data, "--data", default)
     }
 }
 
-/// Prints one JSON object on stdout.
-pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
+pub use output::print_json;

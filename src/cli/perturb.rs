@@ -2,8 +2,9 @@
 
 use crate::mask;
 use crate::model::Model;
+use crate::outln;
 use crate::perturb::ops::{self, Op};
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -19,7 +20,7 @@ pub struct PerturbArgs {
     #[arg(long)]
     pub op: String,
     /// Seed for randomize / noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = super::args::seed)]
     pub seed: u64,
     /// Output checkpoint folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
@@ -30,7 +31,11 @@ pub struct PerturbArgs {
 }
 
 pub fn run(a: PerturbArgs) -> Result<()> {
-    let op: Op = a.op.parse()?;
+    let op: Op = a.op.parse().context("--op")?;
+    if !a.region.is_file() {
+        bail!("{}: no such mask file", a.region.display());
+    }
+    let _lock = crate::lock::Lock::dir(&a.save)?;
     let model = Model::load(&a.model)?;
     let region = mask::load_for(&a.region, &model)?;
     let saved = ops::apply(&model, &region, &op, a.seed)?;
@@ -43,10 +48,10 @@ pub fn run(a: PerturbArgs) -> Result<()> {
     if a.json {
         return super::print_json(&v);
     }
-    println!(
+    outln!(
         "{} entries perturbed ({op}); model written to {}",
         n,
         a.save.display()
-    );
+    )?;
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! `broca ppl`: perplexity per language.
 
+use super::args;
 use super::progress::bar;
 use crate::data;
 use crate::eval::{self, PplResult};
 use crate::model::Model;
-use anyhow::{bail, Result};
+use crate::outln;
+use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -16,14 +18,14 @@ pub struct PplArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub inputs: super::TextArgs,
-    /// Keep only the first N tokens of each text (BOS counted).
-    #[arg(long)]
+    /// Keep only the first N tokens of each text (BOS counted; at least 2).
+    #[arg(long, value_parser = args::token_budget)]
     pub max_tokens: Option<usize>,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::seq_len)]
     pub seq_len: usize,
     /// Window advance in tokens (default: seq-len; capped at seq-len - 1 so no token is skipped).
-    #[arg(long)]
+    #[arg(long, value_parser = args::positive_usize)]
     pub stride: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -37,7 +39,7 @@ struct PplOutput {
     results: Vec<PplResult>,
 }
 
-/// Tokenizes each input, applying `max_tokens`.
+/// Tokenizes each input (read once; with `max_tokens`, only the prefix those tokens need).
 pub fn load_texts(
     model: &Model,
     inputs: &[data::TextInput],
@@ -46,25 +48,20 @@ pub fn load_texts(
     let tok = model.tokenizer()?;
     inputs
         .iter()
-        .map(|t| {
-            let text = data::read_text(&t.path)?;
-            let mut ids = tok.encode(&text)?;
-            if let Some(n) = max_tokens {
-                ids.truncate(n);
-            }
-            if ids.len() < 2 {
-                bail!("{}: fewer than 2 tokens to evaluate", t.path.display());
-            }
-            Ok((t.lang.clone(), ids))
-        })
+        .map(|t| Ok((t.lang.clone(), data::text_tokens(tok, &t.path, max_tokens)?)))
         .collect()
+}
+
+/// Checks each input before the model loads (read once, see [`data::open_text`]).
+pub fn check_texts(inputs: &[data::TextInput], max_tokens: Option<usize>) -> Result<()> {
+    inputs
+        .iter()
+        .try_for_each(|t| data::check_text(&t.path, max_tokens))
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
     let inputs = a.inputs.gather(Some(&data::default_eval_dir()))?;
-    for t in &inputs {
-        data::read_text(&t.path)?;
-    }
+    check_texts(&inputs, a.max_tokens)?;
     let model = Model::load(&a.model)?;
     let texts = load_texts(&model, &inputs, a.max_tokens)?;
     let stride = a.stride.unwrap_or(a.seq_len);
@@ -91,29 +88,37 @@ pub fn run(a: PplArgs) -> Result<()> {
     if a.json {
         return super::print_json(&out);
     }
-    println!(
+    outln!(
         "model: {}  seq_len: {}  (token-weighted mean NLL)",
-        out.model, out.seq_len
-    );
-    println!(
+        out.model,
+        out.seq_len
+    )?;
+    outln!(
         "{:<10} {:>8} {:>9} {:>11} {:>8}",
-        "lang", "tokens", "nll", "ppl", "bpb"
-    );
+        "lang",
+        "tokens",
+        "nll",
+        "ppl",
+        "bpb"
+    )?;
     for r in &out.results {
-        println!(
+        outln!(
             "{:<10} {:>8} {:>9.4} {:>11.3} {:>8.4}",
-            r.lang, r.tokens, r.nll, r.ppl, r.bits_per_byte
-        );
+            r.lang,
+            r.tokens,
+            r.nll,
+            r.ppl,
+            r.bits_per_byte
+        )?;
     }
     let ppls: Vec<f64> = out.results.iter().map(|r| r.ppl).collect();
     let bpbs: Vec<f64> = out.results.iter().map(|r| r.bits_per_byte).collect();
-    println!(
+    outln!(
         "{:<10} {:>8} {:>9} {:>11.3} {:>8.4}",
         "geomean",
         "",
         "",
         eval::geomean(&ppls),
         eval::geomean(&bpbs)
-    );
-    Ok(())
+    )
 }

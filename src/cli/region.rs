@@ -1,8 +1,11 @@
 //! `broca region`: build regions (masks) from scores, controls, set operations, overlaps and
 //! concentration statistics with heatmaps.
 
+use super::args;
 use crate::data::split_values;
+use crate::lock::Lock;
 use crate::mask::{self, Coverage};
+use crate::outln;
 use crate::region::ops::{self as rops, SetOp};
 use crate::region::select::{self, Direction, Scope};
 use crate::region::{self, heatmap, stats, Region};
@@ -41,7 +44,7 @@ pub struct CoreArgs {
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append, required = true)]
     pub scores: Vec<String>,
     /// Fraction to select, in (0, 1].
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = args::fraction)]
     pub k: f64,
     /// Largest (top) or smallest (bottom) scores.
     #[arg(long, value_enum, default_value_t = Direction::Top)]
@@ -72,7 +75,7 @@ pub struct MonoArgs {
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append, required = true)]
     pub scores: Vec<String>,
     /// Fraction each language's top-k takes, in (0, 1].
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = args::fraction)]
     pub k: f64,
     /// Per tensor (the paper) or over all covered tensors.
     #[arg(long, value_enum, default_value_t = Scope::PerTensor)]
@@ -101,7 +104,7 @@ pub struct RandomArgs {
     #[arg(long, requires = "model")]
     pub k: Option<f64>,
     /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Check the masks against this model's parameter names and shapes.
     #[arg(long)]
@@ -164,13 +167,13 @@ pub struct StatsArgs {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Total number of synthetic scores.
-    #[arg(long, default_value_t = 1_000_000_000)]
+    #[arg(long, default_value_t = 1_000_000_000, value_parser = args::positive_u64)]
     pub numel: u64,
-    /// Fraction to select.
-    #[arg(long, default_value_t = 0.01)]
+    /// Fraction to select, in (0, 1].
+    #[arg(long, default_value_t = 0.01, value_parser = args::fraction)]
     pub k: f64,
     /// Seed of the synthetic scores.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Print one JSON object.
     #[arg(long)]
@@ -216,19 +219,20 @@ fn finish(out: &Path, r: &Region, how: serde_json::Value, json: bool) -> Result<
             &json!({"out": out, "summary": mask::summary_path(out), "total": s["total"], "tensors": r.len()}),
         );
     }
-    println!(
+    outln!(
         "{}: {total} of {numel} entries ({:.4}%) in {} tensors; summary {}",
         out.display(),
         100.0 * total as f64 / numel.max(1) as f64,
         r.len(),
         mask::summary_path(out).display()
-    );
+    )?;
     Ok(())
 }
 
 fn core(a: CoreArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
+    let _lock = Lock::file(&a.out)?;
     let (langs, scores) = region::scores::sum_abs(&files, a.include)?;
     let r = select::select(&scores, a.k, a.select, a.scope);
     drop(scores);
@@ -243,6 +247,7 @@ fn core(a: CoreArgs) -> Result<()> {
 fn mono(a: MonoArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
+    let _lock = Lock::file(&a.out)?;
     let (langs, r) = region::mono::mono(&files, &a.target, a.k, a.include, a.scope)?;
     check_model(&r, a.model.as_deref(), "the score files")?;
     let how = json!({
@@ -253,6 +258,7 @@ fn mono(a: MonoArgs) -> Result<()> {
 }
 
 fn random(a: RandomArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let (r, how) = match (&a.like, a.k, &a.model) {
         (Some(like), _, model) => {
             let like_mask = load_mask(like, model.as_deref())?;
@@ -272,6 +278,7 @@ fn random(a: RandomArgs) -> Result<()> {
 }
 
 fn ops(a: OpsArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let x = load_mask(&a.a, a.model.as_deref())?;
     let y = load_mask(&a.b, a.model.as_deref())?;
     region::check_same_layout(
@@ -298,16 +305,28 @@ fn compare(a: CompareArgs) -> Result<()> {
     if a.json {
         return super::print_json(&json!({"a": a.a, "b": a.b, "total": total, "tensors": per}));
     }
-    println!("A = {}\nB = {}", a.a.display(), a.b.display());
-    println!(
+    outln!("A = {}\nB = {}", a.a.display(), a.b.display())?;
+    outln!(
         "{:<48} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        "tensor", "|A|", "|B|", "|A∩B|", "jaccard", "∩/|A|", "∩/|B|"
-    );
+        "tensor",
+        "|A|",
+        "|B|",
+        "|A∩B|",
+        "jaccard",
+        "∩/|A|",
+        "∩/|B|"
+    )?;
     for o in per.iter().chain(std::iter::once(&total)) {
-        println!(
+        outln!(
             "{:<48} {:>10} {:>10} {:>10} {:>8.4} {:>8.4} {:>8.4}",
-            o.name, o.a, o.b, o.both, o.jaccard, o.of_a, o.of_b
-        );
+            o.name,
+            o.a,
+            o.b,
+            o.both,
+            o.jaccard,
+            o.of_a,
+            o.of_b
+        )?;
     }
     Ok(())
 }
@@ -319,6 +338,7 @@ fn heatmap_name(tensor: &str) -> String {
 
 fn run_stats(a: StatsArgs) -> Result<()> {
     let r = load_mask(&a.mask, a.model.as_deref())?;
+    let _lock = Lock::dir(&a.out)?;
     let s = stats::region_stats(&r);
     let chosen = match split_values(&a.tensors) {
         t if t.is_empty() => stats::default_heatmap_tensors(&r, &s, 3),
@@ -356,52 +376,56 @@ fn run_stats(a: StatsArgs) -> Result<()> {
             "most_concentrated": s.most_concentrated,
         }));
     }
-    println!(
+    outln!(
         "{}: {} of {} entries selected",
         a.mask.display(),
         s.count,
         s.numel
-    );
+    )?;
     if let Some(g) = &s.global {
-        println!(
+        outln!(
             "hidden dims over all layers (hidden size {}): gini {:.3}, top 1% ({} dims) hold {:.1}%",
             g.hidden_size,
             g.concentration.gini,
             g.concentration.top1pct_len,
             100.0 * g.concentration.top1pct_share
-        );
-        println!(
+        )?;
+        outln!(
             "{:>6} {:>10} {:>8} {:>14} {:>11}",
-            "dim", "count", "share", "layers(top10)", "norm layers"
-        );
+            "dim",
+            "count",
+            "share",
+            "layers(top10)",
+            "norm layers"
+        )?;
         for d in g.top_dims.iter().take(10) {
-            println!(
+            outln!(
                 "{:>6} {:>10} {:>7.2}% {:>14} {:>11}",
                 d.dim,
                 d.count,
                 100.0 * d.share,
                 d.layers_in_top10,
                 d.norm_layers
-            );
+            )?;
         }
     }
-    println!("most concentrated tensors (share of the selection in the top 1% of hidden dims):");
+    outln!("most concentrated tensors (share of the selection in the top 1% of hidden dims):")?;
     for c in s.most_concentrated.iter().take(5) {
         let dims: Vec<String> = c.top_dims.iter().map(|d| d.index.to_string()).collect();
-        println!(
+        outln!(
             "  {:<48} {:>6.1}%  gini {:.3}  dims {}",
             c.name,
             100.0 * c.top1pct_share,
             c.gini,
             dims.join(",")
-        );
+        )?;
     }
-    println!("stats {}", stats_path.display());
+    outln!("stats {}", stats_path.display())?;
     if let Some(p) = &overview {
-        println!("overview {}", p.display());
+        outln!("overview {}", p.display())?;
     }
     for i in &images {
-        println!("heatmap {}", i["path"].as_str().unwrap_or_default());
+        outln!("heatmap {}", i["path"].as_str().unwrap_or_default())?;
     }
     Ok(())
 }
@@ -412,26 +436,34 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.json {
         return super::print_json(&r);
     }
-    println!(
+    outln!(
         "{} synthetic scores ({:.0} MB) in {} tensors, k = {}, {} threads",
-        r.numel, r.scores_mb, r.tensors, r.k, r.threads
-    );
-    println!("generate              {:>8.2} s", r.generate_s);
-    println!(
+        r.numel,
+        r.scores_mb,
+        r.tensors,
+        r.k,
+        r.threads
+    )?;
+    outln!("generate              {:>8.2} s", r.generate_s)?;
+    outln!(
         "per-tensor top        {:>8.2} s  ({:.2} CPU s)",
-        r.per_tensor_top_s, r.per_tensor_top_cpu_s
-    );
-    println!(
+        r.per_tensor_top_s,
+        r.per_tensor_top_cpu_s
+    )?;
+    outln!(
         "per-tensor bottom     {:>8.2} s  ({:.2} CPU s)",
-        r.per_tensor_bottom_s, r.per_tensor_bottom_cpu_s
-    );
-    println!(
+        r.per_tensor_bottom_s,
+        r.per_tensor_bottom_cpu_s
+    )?;
+    outln!(
         "global top            {:>8.2} s  ({:.2} CPU s)",
-        r.global_top_s, r.global_top_cpu_s
-    );
-    println!(
+        r.global_top_s,
+        r.global_top_cpu_s
+    )?;
+    outln!(
         "peak RSS              {:>8.0} MB ({:.2}x the scores)",
-        r.peak_rss_mb, r.rss_over_scores
-    );
+        r.peak_rss_mb,
+        r.rss_over_scores
+    )?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! `broca reproduce`: the whole study in one resumable command, with an HTML report.
 
 use crate::data::split_values;
+use crate::outln;
 use crate::study::{self, config::StudyConfig, Options};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -31,7 +32,7 @@ pub struct ReproduceArgs {
 pub fn run(a: ReproduceArgs) -> Result<()> {
     let mut cfg = match (&a.preset, &a.config) {
         (_, Some(p)) => StudyConfig::from_file(p)?,
-        (Some(p), None) => StudyConfig::preset(p)?,
+        (Some(p), None) => StudyConfig::preset(p).context("--preset")?,
         (None, None) => bail!("give --preset quick|full or --config FILE"),
     };
     if let Some(m) = &a.model {
@@ -41,18 +42,19 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
         only: split_values(&a.only),
         ..Options::default()
     };
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let s = study::run(&cfg, &a.out, &opts)?;
     if a.json {
         return super::print_json(&s);
     }
-    println!(
+    outln!(
         "stages run: {}",
         if s.executed.is_empty() {
             "none (all up to date)".into()
         } else {
             s.executed.join(", ")
         }
-    );
-    println!("report: {}  ({:.1} s)", s.report.display(), s.wall_s);
+    )?;
+    outln!("report: {}  ({:.1} s)", s.report.display(), s.wall_s)?;
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! `broca score`: gradient × weight importance per language (resumable, shardable), plus
 //! `broca score merge` (adds shard results) and `broca score diff` (stability scores).
 
+use super::args;
 use super::progress::bar;
 use crate::data;
+use crate::lock::Lock;
 use crate::memory;
 use crate::model::Model;
+use crate::outln;
 use crate::score::files::Store;
 use crate::score::plan::{self, Include};
 use crate::score::{self, run, windows};
@@ -38,27 +41,29 @@ pub struct RunArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub inputs: super::TextArgs,
-    /// Token budget per language: use the first N tokens of each text (default: all).
-    #[arg(long)]
+    /// Token budget per language: use the first N tokens of each text (default: all; at
+    /// least 2).
+    #[arg(long, value_parser = args::token_budget)]
     pub tokens: Option<usize>,
-    /// Window length in tokens (non-overlapping windows; a trailing partial window is dropped).
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (non-overlapping windows; a trailing partial window is dropped;
+    /// at least 2).
+    #[arg(long, default_value_t = 512, value_parser = args::seq_len)]
     pub seq_len: usize,
-    /// Windows per forward/backward pass.
-    #[arg(long, default_value_t = 1)]
+    /// Windows per forward/backward pass (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = args::positive_usize)]
     pub batch: usize,
     /// Process only the i-th of n contiguous slices of the windows (0-based, e.g. 0/4);
     /// combine with `broca score merge`.
     #[arg(long)]
     pub shard: Option<String>,
     /// Checkpoint the running sum under DIR/.partial/ at least this often (seconds).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 300.0, value_parser = args::non_negative_f64)]
     pub checkpoint_secs: f64,
-    /// Also checkpoint every K windows.
-    #[arg(long)]
+    /// Also checkpoint every K windows (at least 1).
+    #[arg(long, value_parser = args::positive_usize)]
     pub checkpoint_windows: Option<usize>,
     /// Tests: exit with an error after K windows of this call, without saving (simulates a kill).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = args::positive_usize)]
     pub stop_after_windows: Option<usize>,
     /// Which parameters get scores: `layers` (the model.layers.* tensors regions use) or
     /// `all` (also embeddings, final norm, lm_head).
@@ -107,8 +112,8 @@ pub struct DiffArgs {
     /// |Δθ| / (|θ_base| + eps) instead of |Δθ|.
     #[arg(long)]
     pub relative: bool,
-    /// ε of --relative.
-    #[arg(long, default_value_t = 1e-8)]
+    /// ε of --relative (finite, > 0).
+    #[arg(long, default_value_t = 1e-8, value_parser = args::positive_f64)]
     pub eps: f64,
     /// The `lang` metadata (e.g. the language the model was tuned on).
     #[arg(long, default_value = "diff")]
@@ -160,23 +165,21 @@ fn score(a: RunArgs) -> Result<()> {
     let dtype = Store::parse_score_dtype(&a.dtype)?;
     let limit = memory::limit_or_default(a.mem_limit.as_deref())?;
     let inputs = a.inputs.gather(None)?;
-    let mut texts = Vec::new();
     for t in &inputs {
         run::check_lang(&t.lang)?;
-        texts.push(data::read_text(&t.path)?);
+        data::check_text(&t.path, a.tokens)?;
     }
+    // one lock per (language, shard) this run writes, all taken before any work: parallel
+    // jobs of other languages or shards go on, a second run of the same unit stops here
+    let layers_tag = a.layers.as_deref().map(|l| format!("layers-{}", l.trim()));
+    let locks = UnitLocks::take(&out, &inputs, shard, layers_tag.as_deref())?;
     let model = Model::load(&a.model)?;
     let sha = score::model_sha256(&a.model)?;
     let tok = model.tokenizer()?;
     let mut ids = Vec::new();
-    for (t, text) in inputs.iter().zip(&texts) {
-        let v = windows::budget_tokens(tok, text, a.tokens)?;
-        if v.len() < 2 {
-            bail!("{}: fewer than 2 tokens", t.path.display());
-        }
-        ids.push(v);
+    for t in &inputs {
+        ids.push(data::text_tokens(tok, &t.path, a.tokens)?);
     }
-    drop(texts);
     let forced = a
         .layers
         .as_deref()
@@ -220,6 +223,7 @@ fn score(a: RunArgs) -> Result<()> {
         results.push(o);
     }
     pb.finish_and_clear();
+    drop(locks);
     let secs = start.elapsed().as_secs_f64();
     let o = ScoreOutput {
         model: a.model.display().to_string(),
@@ -234,21 +238,27 @@ fn score(a: RunArgs) -> Result<()> {
     if a.json {
         return super::print_json(&o);
     }
-    print_table(&o.results);
-    println!(
+    print_table(&o.results)?;
+    outln!(
         "total {:.1} s, {:.1} tokens/s computed",
-        o.seconds, o.tokens_per_second
-    );
+        o.seconds,
+        o.tokens_per_second
+    )?;
     Ok(())
 }
 
-fn print_table(results: &[run::Outcome]) {
-    println!(
+fn print_table(results: &[run::Outcome]) -> Result<()> {
+    outln!(
         "{:<8} {:<8} {:>8} {:>8} {:>9} {:>9}  file",
-        "lang", "status", "windows", "tokens", "seconds", "tok/s"
-    );
+        "lang",
+        "status",
+        "windows",
+        "tokens",
+        "seconds",
+        "tok/s"
+    )?;
     for r in results {
-        println!(
+        outln!(
             "{:<8} {:<8} {:>8} {:>8} {:>9.1} {:>9.1}  {}",
             r.lang,
             r.status,
@@ -257,20 +267,23 @@ fn print_table(results: &[run::Outcome]) {
             r.seconds,
             r.tokens_per_second,
             r.file.display()
-        );
+        )?;
     }
-}
-
-fn merge(a: MergeArgs) -> Result<()> {
-    let results = run::merge(&a.out)?;
-    if a.json {
-        return super::print_json(&serde_json::json!({"out": a.out, "results": results}));
-    }
-    print_table(&results);
     Ok(())
 }
 
+fn merge(a: MergeArgs) -> Result<()> {
+    let locks = UnitLocks::take_merge(&a.out)?;
+    let results = run::merge(&a.out)?;
+    drop(locks);
+    if a.json {
+        return super::print_json(&serde_json::json!({"out": a.out, "results": results}));
+    }
+    print_table(&results)
+}
+
 fn diff(a: DiffArgs) -> Result<()> {
+    let _lock = Lock::file(&a.out)?;
     let base = Model::load(&a.base)?;
     let tuned = Model::load(&a.tuned)?;
     score::diff::check_same_params(&base, &a.base, &tuned, &a.tuned)?;
@@ -290,11 +303,87 @@ fn diff(a: DiffArgs) -> Result<()> {
             "params": base.num_params(),
         }));
     }
-    println!(
+    outln!(
         "{} ({method}, {} parameters) written to {}",
         a.lang,
         base.num_params(),
         a.out.display()
-    );
+    )?;
     Ok(())
+}
+
+/// The locks of a score run: one per (language, shard) unit under `DIR/.partial/`
+/// (`.<lang>[.shard-i-of-n].broca.lock`), released in reverse order; then an empty
+/// `DIR/.partial/` is removed, so only the results stay beside each other.
+struct UnitLocks {
+    out: PathBuf,
+    locks: Vec<Lock>,
+}
+
+impl UnitLocks {
+    fn take(
+        out: &std::path::Path,
+        inputs: &[data::TextInput],
+        shard: Option<windows::Shard>,
+        layers: Option<&str>,
+    ) -> Result<UnitLocks> {
+        let dir = run::partial_dir(out);
+        let mut u = UnitLocks {
+            out: out.to_path_buf(),
+            locks: Vec::new(),
+        };
+        for t in inputs {
+            let mut unit = match shard {
+                Some(s) => format!("{}.{}", t.lang, s.tag()),
+                None => t.lang.clone(),
+            };
+            let mut what = match shard {
+                Some(s) => format!("{} (language {}, shard {s}", out.display(), t.lang),
+                None => format!("{} (language {}", out.display(), t.lang),
+            };
+            if let Some(l) = layers {
+                unit = format!("{unit}.{l}");
+                what = format!("{what}, {l}");
+            }
+            what.push(')');
+            u.locks
+                .push(Lock::part(&dir, &unit, std::path::Path::new(&what))?);
+        }
+        // temporary results of killed runs sit beside the results
+        crate::io::sweep_stale(out, 0);
+        Ok(u)
+    }
+
+    /// `score merge` writes `DIR/<lang>.safetensors` of every language with shard results:
+    /// it takes those languages' units.
+    fn take_merge(out: &std::path::Path) -> Result<UnitLocks> {
+        let dir = run::partial_dir(out);
+        let mut langs = std::collections::BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some((lang, _, _)) = run::parse_partial_name(&name) {
+                    langs.insert(lang);
+                }
+            }
+        }
+        let inputs: Vec<data::TextInput> = langs
+            .into_iter()
+            .map(|lang| data::TextInput {
+                lang,
+                path: PathBuf::new(),
+            })
+            .collect();
+        UnitLocks::take(out, &inputs, None, None)
+    }
+}
+
+impl Drop for UnitLocks {
+    fn drop(&mut self) {
+        while let Some(l) = self.locks.pop() {
+            drop(l);
+        }
+        crate::io::sweep_stale(&self.out, 0);
+        let _ = std::fs::remove_dir(run::partial_dir(&self.out));
+    }
 }

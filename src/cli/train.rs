@@ -1,9 +1,11 @@
 //! `broca train`: further pretraining with optional frozen regions, evaluation curves,
 //! checkpoints and exact resume.
 
+use super::args;
 use crate::data;
 use crate::mask::{self, Mask};
 use crate::model::Model;
+use crate::outln;
 use crate::train::{self, forget, AdamWConfig, RunOptions, Schedule, TrainConfig, TrainInputs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,55 +15,55 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Clone)]
 pub struct HyperArgs {
     /// Optimizer steps.
-    #[arg(long)]
+    #[arg(long, value_parser = args::positive_usize)]
     pub steps: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, default_value_t = 5e-5, value_parser = args::positive_f64)]
     pub lr: f64,
     /// Windows per micro-batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = args::positive_usize)]
     pub batch: usize,
     /// Micro-batches accumulated per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = args::positive_usize)]
     pub grad_accum: usize,
     /// Tokens per training (and evaluation) window.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = args::seq_len)]
     pub seq_len: usize,
     /// Linear warmup steps (capped at --steps).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = args::count)]
     pub warmup: usize,
     /// Learning rate after warmup.
     #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
     pub schedule: Schedule,
     /// Decoupled weight decay (not applied to norms and biases).
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.001, value_parser = args::non_negative_f64)]
     pub weight_decay: f64,
     /// AdamW betas, as B1,B2.
     #[arg(long, default_value = "0.9,0.95")]
     pub betas: String,
     /// AdamW epsilon.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, value_parser = args::positive_f64)]
     pub eps: f64,
     /// Clip the global gradient norm (over unfrozen entries) to this; 0 disables.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = args::non_negative_f64)]
     pub clip: f64,
     /// Seed of the data order.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
     /// Evaluate every K steps (and at step 0 and the last step); 0 = only those.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::count)]
     pub eval_every: usize,
     /// Keep only the first N tokens of each evaluation text.
-    #[arg(long)]
+    #[arg(long, value_parser = args::token_budget)]
     pub eval_tokens: Option<usize>,
     /// Keep only the first N tokens of each training text.
-    #[arg(long)]
+    #[arg(long, value_parser = args::token_budget)]
     pub data_tokens: Option<usize>,
     /// Write a resumable checkpoint every K steps (0 = never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = args::count)]
     pub checkpoint_every: usize,
     /// Checkpoints kept (the newest).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = args::positive_usize)]
     pub keep_checkpoints: usize,
     /// Continue from the newest checkpoint under --out (bitwise the same result as an
     /// uninterrupted run).
@@ -129,7 +131,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub hyper: HyperArgs,
     /// Stop after N steps without the final outputs (simulates an interruption; for tests).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = args::positive_usize)]
     pub stop_after: Option<usize>,
     /// Output directory (final model, eval.csv/json, train.json, checkpoints/).
     #[arg(long)]
@@ -159,15 +161,15 @@ pub fn union_masks(paths: &[String], model: &Model) -> Result<Option<Mask>> {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = a.hyper.config(true)?;
-    let data_in = data::from_dir_or_pairs(&a.data)?;
+    let data_in = data::from_dir_or_pairs(&a.data).context("--data")?;
     let eval_in = if a.eval.is_empty() {
         Vec::new()
     } else {
-        data::from_dir_or_pairs(&a.eval)?
+        data::from_dir_or_pairs(&a.eval).context("--eval")?
     };
-    for t in data_in.iter().chain(&eval_in) {
-        data::read_text(&t.path)?;
-    }
+    super::ppl::check_texts(&data_in, a.hyper.data_tokens)?;
+    super::ppl::check_texts(&eval_in, a.hyper.eval_tokens)?;
+    let _lock = crate::lock::Lock::dir(&a.out)?;
     let mut model = train::into_f32(Model::load(&a.model)?)?;
     let freeze = union_masks(&a.freeze, &model)?;
     let inputs = TrainInputs {
@@ -184,7 +186,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.json {
         return super::print_json(&r);
     }
-    println!(
+    outln!(
         "trained {} steps ({} frozen of {} parameters); final loss {:.4}; {:.0} tok/s; fwd+bwd {:.1}s, optimizer {:.1}s; peak RSS {:.0} MB",
         r.steps,
         r.frozen_elements,
@@ -194,23 +196,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         r.fwd_bwd_s,
         r.optimizer_s,
         r.peak_rss_mb
-    );
+    )?;
     if !r.eval.is_empty() {
-        println!("{:>6} {:<10} {:>10} {:>8}", "step", "lang", "ppl", "bpb");
+        outln!("{:>6} {:<10} {:>10} {:>8}", "step", "lang", "ppl", "bpb")?;
         for p in &r.eval {
-            println!(
+            outln!(
                 "{:>6} {:<10} {:>10.3} {:>8.4}",
-                p.step, p.lang, p.ppl, p.bits_per_byte
-            );
+                p.step,
+                p.lang,
+                p.ppl,
+                p.bits_per_byte
+            )?;
         }
     }
     if r.interrupted {
-        println!(
+        outln!(
             "stopped early after step {} (--stop-after); resume with --resume",
             r.steps
-        );
+        )?;
     } else {
-        println!("model written to {}", a.out.display());
+        outln!("model written to {}", a.out.display())?;
     }
     Ok(())
 }

@@ -82,7 +82,7 @@ impl fmt::Display for Op {
 pub fn parse_ops(values: &[String]) -> Result<Vec<Op>> {
     let ops: Vec<Op> = crate::data::split_values(values)
         .iter()
-        .map(|s| s.parse())
+        .map(|s| s.parse::<Op>().context("--op"))
         .collect::<Result<_>>()?;
     if ops.is_empty() {
         bail!("no --op given (expected one of {OP_FORMS})");

@@ -606,7 +606,7 @@ struct PartialFile {
 }
 
 /// `(lang, shard, tag)` of a unit result's file name, or `None` for other files.
-fn parse_partial_name(name: &str) -> Option<(String, Option<Shard>, String)> {
+pub fn parse_partial_name(name: &str) -> Option<(String, Option<Shard>, String)> {
     let stem = name.strip_suffix(".safetensors")?;
     if stem.ends_with(".state") || stem.starts_with('.') {
         return None;

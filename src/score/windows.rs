@@ -73,43 +73,15 @@ impl std::fmt::Display for Shard {
 }
 
 /// The first `budget` tokens of `text` (all of them without a budget), equal to the first
-/// `budget` tokens of encoding the whole text. Long texts are encoded by growing prefixes cut
-/// right after a `\n` with non-space characters on both sides (a point no pre-token spans),
-/// so a small budget does not pay for tokenizing a whole book.
+/// `budget` tokens of encoding the whole text; only a prefix large enough for them is
+/// tokenized ([`Tokenizer::encode_first`]), so a small budget does not pay for a whole book.
 pub fn budget_tokens(tok: &Tokenizer, text: &str, budget: Option<usize>) -> Result<Vec<u32>> {
-    let Some(n) = budget else {
-        return tok.encode(text);
-    };
-    // a generous first guess: 8 bytes per token
-    let mut want = n.saturating_mul(8).max(4096);
-    loop {
-        let cut = safe_cut(text, want);
-        let mut ids = tok.encode(&text[..cut])?;
-        if ids.len() >= n || cut == text.len() {
-            ids.truncate(n);
-            return Ok(ids);
-        }
-        want = want.saturating_mul(2);
+    match budget {
+        None => tok.encode(text),
+        Some(n) => tok
+            .encode_first(text, n, true)?
+            .context("a complete text always gives its first tokens"),
     }
-}
-
-/// The first safe cut at or after byte `from` (or the text's end): just after a `\n` whose
-/// neighbours are both non-whitespace.
-fn safe_cut(text: &str, from: usize) -> usize {
-    let b = text.as_bytes();
-    let mut i = from;
-    while i + 1 < b.len() {
-        if b[i] == b'\n' && i > 0 && text.is_char_boundary(i) {
-            let before = text[..i].chars().next_back();
-            let after = text[i + 1..].chars().next();
-            if matches!((before, after), (Some(a), Some(c)) if !a.is_whitespace() && !c.is_whitespace())
-            {
-                return i + 1;
-            }
-        }
-        i += 1;
-    }
-    text.len()
 }
 
 #[cfg(test)]
@@ -148,12 +120,5 @@ mod tests {
         }
         let s = Shard { index: 2, count: 5 };
         assert_eq!(Shard::from_tag(&s.tag()), Some(s));
-    }
-
-    #[test]
-    fn safe_cut_only_between_solid_characters() {
-        let t = "ab\n\ncd\nef\n";
-        assert_eq!(safe_cut(t, 0), 7);
-        assert_eq!(safe_cut(t, 8), t.len());
     }
 }

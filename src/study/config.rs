@@ -295,6 +295,45 @@ impl StudyConfig {
         if self.importance.languages.is_empty() {
             bail!("importance.languages is empty");
         }
+        // sequences a stage needs (a window makes n - 1 predictions), counts and rates,
+        // checked as the command-line flags of the same meaning are
+        use crate::cli::args::{at_least, finite_positive};
+        let f = &self.forgetting;
+        let g = &self.generation;
+        for (key, v, min) in [
+            ("importance.tokens", self.importance.tokens, 2),
+            ("importance.seq_len", self.importance.seq_len, 2),
+            ("importance.batch", self.importance.batch, 1),
+            ("eval.max_tokens", self.eval.max_tokens, 2),
+            ("eval.seq_len", self.eval.seq_len, 2),
+            ("dims.screen_tokens", self.dims.screen_tokens, 2),
+            ("dims.max_tokens", self.dims.max_tokens, 2),
+            ("generation.max_tokens", g.max_tokens, 1),
+            ("superweights.top", self.superweights.top, 1),
+            ("superweights.eval_tokens", self.superweights.eval_tokens, 2),
+            ("forgetting.steps", f.steps, if f.enabled { 1 } else { 0 }),
+            (
+                "forgetting.seq_len",
+                f.seq_len,
+                if f.enabled { 2 } else { 0 },
+            ),
+            (
+                "forgetting.eval_tokens",
+                f.eval_tokens,
+                if f.enabled { 2 } else { 0 },
+            ),
+        ] {
+            at_least(v, min).map_err(|e| anyhow::anyhow!("{key} = {v}: {e}"))?;
+        }
+        if f.enabled {
+            finite_positive(f.lr).map_err(|e| anyhow::anyhow!("forgetting.lr = {}: {e}", f.lr))?;
+        }
+        if let Some(i) = g.prompts.iter().position(|p| p.trim().is_empty()) {
+            bail!("generation.prompts[{i}] is empty");
+        }
+        if self.superweights.prompt.trim().is_empty() {
+            bail!("superweights.prompt is empty");
+        }
         Ok(())
     }
 

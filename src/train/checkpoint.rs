@@ -2,8 +2,8 @@
 //! checkpoint (`config.json`, `model.safetensors`, `tokenizer.json`), the AdamW moments
 //! (`optimizer.safetensors`, tensors `m.NAME` and `v.NAME`) and `state.json` (step, data
 //! position, RNG seed and epoch, fingerprint of the run's settings, losses and eval points so
-//! far). A checkpoint is written into a temporary directory and renamed into place when
-//! complete.
+//! far). A checkpoint is written into a temporary directory (`.step-N.broca-PID.tmp`) and renamed
+//! into place when complete; old ones are renamed to a temporary name before being deleted.
 
 use super::adamw::{AdamW, Moments};
 use super::curves::EvalPoint;
@@ -116,33 +116,26 @@ pub fn save(
     let r = root(out);
     std::fs::create_dir_all(&r).with_context(|| format!("{}: cannot create", r.display()))?;
     let dest = r.join(format!("step-{}", state.step));
-    let tmp = r.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    // `.step-N.broca-PID.tmp`: removed on error or signal, swept after a kill
+    let tmp_name = crate::io::temp_path(&dest);
+    let tmp = crate::io::TempPath::create_dir(tmp_name.clone())
+        .with_context(|| format!("{}: cannot create", tmp_name.display()))?;
+    write_model(tmp.path(), model)?;
+    write_moments(&tmp.path().join("optimizer.safetensors"), opt)?;
+    write_json(&tmp.path().join("state.json"), state)?;
+    if dest.exists() {
+        crate::io::remove_dir_atomic(&dest)
+            .with_context(|| format!("{}: cannot replace", dest.display()))?;
     }
-    let res = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        write_model(&tmp, model)?;
-        write_moments(&tmp.join("optimizer.safetensors"), opt)?;
-        write_json(&tmp.join("state.json"), state)?;
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest)
-                .with_context(|| format!("{}: cannot replace", dest.display()))?;
-        }
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    tmp.rename_to(&dest)
+        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    // old checkpoints are renamed away before they are deleted, so an interrupted prune
+    // never leaves a half-deleted `step-N/` that looks like a checkpoint
     let all = list(out)?;
     let keep = keep.max(1);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p)
+            crate::io::remove_dir_atomic(p)
                 .with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
         }
     }

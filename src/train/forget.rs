@@ -83,8 +83,9 @@ pub struct ForgetReport {
     pub plots: Vec<String>,
 }
 
-/// Tokenizes texts with the model's tokenizer, keeping at most `cap` tokens of each. With a
-/// cap, only a prefix of a long text is tokenized (enough bytes for the cap).
+/// Tokenizes texts with the model's tokenizer, keeping at most `cap` tokens of each. Each
+/// text is read once ([`data::text_tokens`]); with a cap, only the prefix the cap needs is
+/// read and tokenized, and its tokens equal the first `cap` of the whole text's.
 pub fn tokenize(
     model: &Model,
     inputs: &[TextInput],
@@ -93,32 +94,7 @@ pub fn tokenize(
     let tok = model.tokenizer()?;
     inputs
         .iter()
-        .map(|t| {
-            let text = data::read_text(&t.path)?;
-            let mut ids = match cap {
-                Some(n) if text.len() > 32 * n + 64 => {
-                    let mut end = 32 * n + 64;
-                    while !text.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    let cut = text[..end].rfind('\n').filter(|&i| i > 0).unwrap_or(end);
-                    let ids = tok.encode(&text[..cut])?;
-                    if ids.len() > n {
-                        ids
-                    } else {
-                        tok.encode(&text)?
-                    }
-                }
-                _ => tok.encode(&text)?,
-            };
-            if let Some(n) = cap {
-                ids.truncate(n);
-            }
-            if ids.len() < 2 {
-                anyhow::bail!("{}: fewer than 2 tokens", t.path.display());
-            }
-            Ok((t.lang.clone(), ids))
-        })
+        .map(|t| Ok((t.lang.clone(), data::text_tokens(tok, &t.path, cap)?)))
         .collect()
 }
 
