@@ -1036,7 +1036,8 @@ fn locked_outputs_are_refused_at_once_and_no_lock_remains() {
         let p = &m.params[1];
         mk.insert(
             p.name.clone(),
-            candle_core::Tensor::ones(p.var.dims(), DType::U8, &candle_core::Device::Cpu).unwrap(),
+            candle_core::Tensor::ones(p.shape.as_slice(), DType::U8, &candle_core::Device::Cpu)
+                .unwrap(),
         );
         broca::mask::save(&mask, &mk, serde_json::json!({})).unwrap();
     }

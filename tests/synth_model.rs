@@ -84,9 +84,8 @@ fn load(dir: &Path) -> Model {
 }
 
 fn values(m: &Model, name: &str) -> Vec<f32> {
-    let p = m.params.iter().find(|p| p.name == name).unwrap();
-    p.var
-        .as_tensor()
+    m.values_of(name)
+        .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -149,7 +148,7 @@ fn tiny_checkpoint_loads_with_exact_shapes_unit_norms_and_random_weights() {
     assert_eq!(m.params.len(), shapes.len());
     for (p, (name, shape)) in m.params.iter().zip(&shapes) {
         assert_eq!(&p.name, name);
-        assert_eq!(p.var.dims(), shape.as_slice(), "{name}");
+        assert_eq!(p.shape.as_slice(), shape.as_slice(), "{name}");
     }
 
     // stored as bf16, in the file exactly as the header says
