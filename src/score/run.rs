@@ -7,7 +7,7 @@
 //! sums of the group's parameters and the number of windows they hold, rewritten atomically
 //! at each checkpoint and removed when the unit is done); for `--shard i/n` or `--layers A-B`
 //! the unit's result `<unit>.safetensors` (θ ⊙ Σg over its windows, f64, plus its window
-//! count) for `score merge`. A plain run in several passes fills `<lang>.result.tmp` (the
+//! count) for `score merge`. A plain run in several passes fills `<lang>.result.part` (the
 //! final file, created at full size with its header) pass by pass at each tensor's offset,
 //! records finished passes in `<lang>.passes.json`, and renames it into place at the end.
 //!
@@ -138,8 +138,8 @@ fn unit_path(out: &Path, lang: &str, shard: Option<Shard>, tag: &str) -> PathBuf
 }
 
 /// The result being filled by a multi-pass run, and its record of finished passes.
-fn result_tmp(out: &Path, lang: &str) -> PathBuf {
-    partial_dir(out).join(format!("{lang}.result.tmp"))
+fn result_part(out: &Path, lang: &str) -> PathBuf {
+    partial_dir(out).join(format!("{lang}.result.part"))
 }
 
 fn passes_path(out: &Path, lang: &str) -> PathBuf {
@@ -445,7 +445,7 @@ pub fn score_language(
         let mut m = meta.clone();
         m.insert("method".into(), METHOD_IMPORTANCE.into());
         let mut result = ResultFile::open(
-            &result_tmp(job.out, lang),
+            &result_part(job.out, lang),
             &names_shapes(&e),
             opts.dtype,
             &m,
