@@ -6,6 +6,7 @@
 //! Use the parsers as `#[arg(long, value_parser = args::seq_len)]`; clap reports a refusal as
 //! `invalid value 'X' for '--flag <FLAG>': REASON`, so REASON does not repeat the flag.
 
+pub use crate::validate::{at_least, finite_positive};
 use clap::error::ErrorKind;
 use std::str::FromStr;
 
@@ -23,26 +24,6 @@ fn finite(s: &str) -> Result<f64, String> {
 
 fn whole_at_least(s: &str, min: usize) -> Result<usize, String> {
     at_least(number(s, "a whole number")?, min)
-}
-
-/// `x` if it is at least `min` (the check behind the whole-number parsers, also used for
-/// config files).
-pub fn at_least(x: usize, min: usize) -> Result<usize, String> {
-    if x < min {
-        return Err(format!("must be at least {min}"));
-    }
-    Ok(x)
-}
-
-/// `x` if it is finite and greater than 0.
-pub fn finite_positive(x: f64) -> Result<f64, String> {
-    if !x.is_finite() {
-        return Err(format!("must be a finite number, not {x}"));
-    }
-    if x <= 0.0 {
-        return Err("must be greater than 0".into());
-    }
-    Ok(x)
 }
 
 /// Any finite number.

@@ -4,7 +4,6 @@
 
 use super::ablate::fmt_ppl;
 use super::args;
-use super::progress::bar;
 use crate::data;
 use crate::eval::{self, geomean};
 use crate::model::Model;
@@ -13,6 +12,7 @@ use crate::perturb::dims::NormSite;
 use crate::perturb::ops::{self, Op};
 use crate::perturb::scan::{self as pscan, DimRow, ScanOutput, ScanParams};
 use crate::perturb::structured;
+use crate::progress::bar;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;

@@ -10,7 +10,6 @@ mod generate;
 pub mod output;
 mod perturb;
 mod ppl;
-pub mod progress;
 pub mod region;
 mod reproduce;
 mod score;

@@ -1,11 +1,11 @@
 //! `broca ppl`: perplexity per language.
 
 use super::args;
-use super::progress::bar;
 use crate::data;
 use crate::eval::{self, PplResult};
 use crate::model::Model;
 use crate::outln;
+use crate::progress::bar;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;

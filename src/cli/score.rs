@@ -2,12 +2,12 @@
 //! `broca score merge` (adds shard results) and `broca score diff` (stability scores).
 
 use super::args;
-use super::progress::bar;
 use crate::data;
 use crate::lock::Lock;
 use crate::memory;
 use crate::model::Model;
 use crate::outln;
+use crate::progress::bar;
 use crate::score::files::Store;
 use crate::score::plan::{self, Include};
 use crate::score::{self, run, windows};

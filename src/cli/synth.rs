@@ -176,7 +176,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         opts.seed,
         opts.out.display()
     );
-    let pb = super::progress::bar(total.div_ceil(1 << 20), "synth", "MiB");
+    let pb = crate::progress::bar(total.div_ceil(1 << 20), "synth", "MiB");
     let ends: Vec<(u64, &str)> = shards
         .iter()
         .scan(0u64, |acc, s| {

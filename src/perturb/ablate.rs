@@ -3,10 +3,10 @@
 
 use super::ops::{self, Op};
 use super::select::{self, Control};
-use crate::cli::progress::bar;
 use crate::eval::{self, geomean};
 use crate::mask::Mask;
 use crate::model::Model;
+use crate::progress::bar;
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;

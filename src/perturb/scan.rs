@@ -6,8 +6,8 @@
 use super::dims::{self as scan, NormSite};
 use super::ops::{self, Op};
 use super::plot;
-use crate::cli::progress::bar;
 use crate::model::Model;
+use crate::progress::bar;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::HashMap;

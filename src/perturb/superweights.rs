@@ -110,7 +110,7 @@ pub fn find_and_verify(
             .total_cmp(&x.output_activation.abs())
     });
     cands.truncate(top);
-    let pb = crate::cli::progress::bar(cands.len() as u64, "superweights", "weights");
+    let pb = crate::progress::bar(cands.len() as u64, "superweights", "weights");
     let cols = model.config.intermediate_size;
     let mut out = Vec::new();
     for c in cands {

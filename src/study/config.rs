@@ -297,7 +297,7 @@ impl StudyConfig {
         }
         // sequences a stage needs (a window makes n - 1 predictions), counts and rates,
         // checked as the command-line flags of the same meaning are
-        use crate::cli::args::{at_least, finite_positive};
+        use crate::validate::{at_least, finite_positive};
         let f = &self.forgetting;
         let g = &self.generation;
         for (key, v, min) in [

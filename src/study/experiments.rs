@@ -4,7 +4,6 @@
 use super::config::expand;
 use super::stages::{core_name, read_json, region_file, score_files, texts};
 use super::Ctx;
-use crate::cli::progress::bar;
 use crate::eval::{self, geomean};
 use crate::generate::{generate, Sampling};
 use crate::io::{atomic_write, write_json};
@@ -16,6 +15,7 @@ use crate::perturb::ops::{self, Op};
 use crate::perturb::scan::{self as pscan, ScanParams};
 use crate::perturb::select::Control;
 use crate::perturb::{spec, structured, superweights as sw};
+use crate::progress::bar;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -3,11 +3,11 @@
 
 use super::config::{expand, StudyConfig};
 use super::Ctx;
-use crate::cli::progress::bar;
 use crate::data::TextInput;
 use crate::eval::{self, geomean};
 use crate::io::{atomic_write, write_json};
 use crate::mask::Coverage;
+use crate::progress::bar;
 use crate::region::select::{select, Direction, Scope};
 use crate::region::{self, heatmap, mono, ops as rops, stats, Region};
 use crate::score::run as score_run;

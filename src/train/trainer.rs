@@ -281,7 +281,7 @@ pub fn train(
         curves::write(out, cfg.eval_seq_len, &eval_points)?;
     }
     let tokens_per_step = cfg.batch * cfg.grad_accum * cfg.seq_len;
-    let pb = crate::cli::progress::bar(
+    let pb = crate::progress::bar(
         cfg.steps as u64,
         if opts.label.is_empty() {
             "train"
