@@ -625,6 +625,12 @@ pub fn parse_partial_name(name: &str) -> Option<(String, Option<Shard>, String)>
     Some((lang.to_string(), shard, tag))
 }
 
+/// A language's partial files: by layer-group tag, each shard's file.
+type GroupFiles = BTreeMap<String, Vec<(Option<Shard>, PathBuf)>>;
+
+/// A layer group's range (`None`: every layer) and its checked partial files.
+type CheckedGroup = (Option<(usize, usize)>, Vec<PartialFile>);
+
 /// `broca score merge`: for each language with unit results under `DIR/.partial/` (shards
 /// and/or layer groups), checks that they agree, that every group has all its shards and
 /// that the groups cover every layer once, adds each group's θ ⊙ Σg in shard order, writes
@@ -638,8 +644,7 @@ pub fn merge(out: &Path) -> Result<Vec<Outcome>> {
             out.display()
         )
     })?;
-    let mut by_lang: BTreeMap<String, BTreeMap<String, Vec<(Option<Shard>, PathBuf)>>> =
-        BTreeMap::new();
+    let mut by_lang: BTreeMap<String, GroupFiles> = BTreeMap::new();
     for e in rd {
         let p = e?.path();
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
@@ -737,13 +742,9 @@ fn check_group(
     Ok(files)
 }
 
-fn merge_language(
-    out: &Path,
-    lang: &str,
-    groups: BTreeMap<String, Vec<(Option<Shard>, PathBuf)>>,
-) -> Result<Outcome> {
+fn merge_language(out: &Path, lang: &str, groups: GroupFiles) -> Result<Outcome> {
     let start = Instant::now();
-    let mut checked: Vec<(Option<(usize, usize)>, Vec<PartialFile>)> = Vec::new();
+    let mut checked: Vec<CheckedGroup> = Vec::new();
     for (tag, files) in groups {
         let files = files
             .into_iter()
