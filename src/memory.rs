@@ -9,6 +9,18 @@ use std::fmt;
 /// One GiB.
 pub const GIB: f64 = (1u64 << 30) as f64;
 
+/// A size for messages: `18.40 GiB`, `800.0 MiB` below one GiB, `64.0 KiB` below one MiB.
+pub fn fmt_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= GIB {
+        format!("{:.2} GiB", b / GIB)
+    } else if bytes >= 1 << 20 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
 /// Parses a size: a number with an optional binary suffix K, M, G or T (`16G`, `800M`,
 /// `1.5G`, `123456` bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -204,8 +216,8 @@ impl Plan {
     pub fn check(&self, what: &str) -> Result<()> {
         if self.peak() > self.limit {
             bail!(
-                "--mem-limit {:.2} GiB is too small for {what}: {self}",
-                self.limit as f64 / GIB
+                "--mem-limit {} is too small for {what}: {self}",
+                fmt_size(self.limit)
             );
         }
         Ok(())
@@ -247,6 +259,130 @@ pub fn forward_plan(model: &Model, b: usize, t: usize, limit: u64) -> Plan {
     }
 }
 
+/// The plan of a command that edits and writes a model without running it (`perturb`): the
+/// weights, plus one tensor at a time decoded to f32, copied to f64 while edited and encoded
+/// while written.
+pub fn edit_plan(model: &Model, limit: u64) -> Plan {
+    let largest = model
+        .params
+        .iter()
+        .map(|p| p.elem_count() as u64)
+        .max()
+        .unwrap_or(0);
+    Plan {
+        limit,
+        parts: vec![
+            (weights_label(model), ModelCost::of(model).weights),
+            ("one tensor being written".into(), 16 * largest),
+        ],
+        note: String::new(),
+    }
+}
+
+/// What training takes (`train`, `forget`), computed before a mapped model is decoded into
+/// f32: per parameter 4 bytes of f32 weights per copy held, 4 of gradients (8 while
+/// micro-batches accumulate), 8 of AdamW moments for every tensor with a trainable entry
+/// (the moments are dense per tensor), plus one micro-batch's activations (forward, tapes of
+/// every layer, backward).
+#[derive(Clone, Copy, Debug)]
+pub struct TrainNeed {
+    /// Parameters of the model.
+    pub params: u64,
+    /// Parameters in tensors that get AdamW moments (not entirely frozen).
+    pub trainable: u64,
+    /// f32 copies of the weights held at once (the trained one, and a base for `forget`).
+    pub copies: u64,
+    /// Gradient sets held at once (2 with gradient accumulation).
+    pub grad_sets: u64,
+    /// Activation bytes of one micro-batch.
+    pub activations: u64,
+}
+
+impl TrainNeed {
+    /// The need of training `model` on micro-batches of `b` windows of `t` tokens;
+    /// `trainable[i]` says whether parameter `i` has an entry that is not frozen.
+    pub fn of(
+        model: &Model,
+        trainable: &[bool],
+        b: usize,
+        t: usize,
+        grad_accum: usize,
+        copies: u64,
+    ) -> TrainNeed {
+        let layers = model.config.num_layers as u64;
+        // the model trains dense: no decoded matrices beside the weights
+        let decoded = ModelCost::of(model).decoded_matrix;
+        let activations = (forward_bytes(model, b, t) + backward_extra_bytes(model, b, t))
+            .saturating_sub(2 * decoded)
+            + layers * tape_bytes_per_layer(model, b, t);
+        TrainNeed {
+            params: model.num_params() as u64,
+            trainable: model
+                .params
+                .iter()
+                .zip(trainable)
+                .filter(|(_, &t)| t)
+                .map(|(p, _)| p.elem_count() as u64)
+                .sum(),
+            copies,
+            grad_sets: if grad_accum > 1 { 2 } else { 1 },
+            activations,
+        }
+    }
+
+    /// Bytes per parameter of weights and gradients.
+    fn per_param(&self) -> u64 {
+        4 * self.copies + 4 * self.grad_sets
+    }
+
+    /// Total bytes.
+    pub fn total(&self) -> u64 {
+        self.params * self.per_param() + 8 * self.trainable + self.activations
+    }
+
+    /// The plan line's parts.
+    pub fn plan(&self, limit: u64) -> Plan {
+        Plan {
+            limit,
+            parts: vec![
+                ("weights (dense f32)".into(), 4 * self.copies * self.params),
+                ("gradients".into(), 4 * self.grad_sets * self.params),
+                ("AdamW moments".into(), 8 * self.trainable),
+                ("activations".into(), self.activations),
+            ],
+            note: String::new(),
+        }
+    }
+
+    /// Errors with the arithmetic when training `what` (a model's name) needs more than
+    /// `limit` bytes.
+    pub fn check(&self, limit: u64, what: &str) -> Result<()> {
+        if self.total() <= limit {
+            return Ok(());
+        }
+        let params = if self.trainable == self.params {
+            format!(
+                "{:.1e} parameters × {} bytes",
+                self.params as f64,
+                self.per_param() + 8
+            )
+        } else {
+            format!(
+                "{:.1e} parameters × {} bytes + {:.1e} in trainable tensors × 8 bytes of AdamW moments",
+                self.params as f64,
+                self.per_param(),
+                self.trainable as f64
+            )
+        };
+        bail!(
+            "--mem-limit {}: training {what} needs ~{:.1} GiB ({params} + activations {:.1} GiB); train a smaller model or use a machine with more memory",
+            fmt_size(limit),
+            self.total() as f64 / GIB,
+            self.activations as f64 / GIB
+        )
+    }
+}
+
 /// "weights (mapped Q4K…)" or "weights (dense f32)".
 pub fn weights_label(model: &Model) -> String {
     let mut kinds: Vec<String> = model
@@ -276,6 +412,43 @@ mod tests {
         for bad in ["", "G", "-1G", "0", "12X", "nanG", "abc"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn training_need_is_the_arithmetic() {
+        use crate::model::{Arch, Config};
+        let m = Model::random(Config::tiny(Arch::Llama), candle_core::DType::F32, 0).unwrap();
+        let n = m.num_params() as u64;
+        let all = TrainNeed::of(&m, &vec![true; m.params.len()], 1, 8, 1, 1);
+        assert!(all.activations > 0);
+        assert_eq!(all.total(), 16 * n + all.activations);
+        assert_eq!(all.plan(u64::MAX).peak(), all.total());
+        // a frozen tensor has no moments; accumulation holds two gradient sets; forget holds
+        // the base beside the trained copy
+        let mut trainable = vec![true; m.params.len()];
+        trainable[0] = false;
+        let part = TrainNeed::of(&m, &trainable, 1, 8, 4, 2);
+        let frozen = m.params[0].elem_count() as u64;
+        assert_eq!(part.total(), 16 * n + 8 * (n - frozen) + part.activations);
+        assert!(all.check(all.total(), "tiny").is_ok());
+        let e = all.check(all.total() - 1, "tiny").unwrap_err().to_string();
+        assert!(
+            e.starts_with("--mem-limit ")
+                && e.contains("training tiny needs ~")
+                && e.contains("parameters × 16 bytes + activations"),
+            "{e}"
+        );
+        let e = part
+            .check(part.total() - 1, "tiny")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("× 16 bytes + ") && e.contains("× 8 bytes of AdamW moments"),
+            "{e}"
+        );
+        assert_eq!(fmt_size(800 << 20), "800.0 MiB");
+        assert_eq!(fmt_size(3 << 29), "1.50 GiB");
+        assert_eq!(fmt_size(64 << 10), "64.0 KiB");
     }
 
     #[test]
