@@ -43,6 +43,8 @@ pub struct AblateArgs {
     /// Seed for randomize/noise and the random control.
     #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -69,6 +71,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let needs_scores = controls.iter().any(|c| *c != Control::Random);
     let inputs = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
     super::ppl::check_texts(&inputs, a.max_tokens)?;
+    let limit = a.mem.limit()?;
     let model = Model::load(&a.model)?;
     let regions = load_regions(&a.region, &model)?;
     let scores = if needs_scores {
@@ -87,6 +90,14 @@ pub fn run(a: AblateArgs) -> Result<()> {
         None
     };
     let texts = super::ppl::load_texts(&model, &inputs, a.max_tokens)?;
+    // windows of --seq-len tokens, or the whole of the longest text when shorter
+    let t = texts
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .max()
+        .unwrap_or(2)
+        .min(a.seq_len);
+    super::announce_plan("ablate", &crate::memory::forward_plan(&model, 1, t, limit))?;
 
     let spec = AblationSpec {
         regions: &regions,

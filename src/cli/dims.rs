@@ -6,6 +6,7 @@ use super::ablate::fmt_ppl;
 use super::args;
 use crate::data;
 use crate::eval::{self, geomean};
+use crate::memory;
 use crate::model::Model;
 use crate::outln;
 use crate::perturb::dims::NormSite;
@@ -72,6 +73,8 @@ pub struct ScanArgs {
     /// Seed for randomize / noise.
     #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Folder for dims.json, dims.csv and dims.png.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -97,6 +100,8 @@ pub struct StructuredArgs {
     /// Also perturb each matrix kind on its own.
     #[arg(long)]
     pub by_kind: bool,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Evaluation texts: a DIR of *.txt or NAME=FILE pairs. Default: UDHR en zh ar ru de.
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub eval: Vec<String>,
@@ -186,6 +191,7 @@ fn run_scan(a: ScanArgs) -> Result<()> {
             .context("--op")?;
     let inputs = eval_inputs(&a.eval)?;
     super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
+    let limit = a.mem.limit()?;
     let _lock = a.out.as_deref().map(crate::lock::Lock::dir).transpose()?;
     let model = Model::load(&a.model)?;
     let site = NormSite::parse(norm, a.layer, &model).with_context(|| match a.layer {
@@ -195,6 +201,13 @@ fn run_scan(a: ScanArgs) -> Result<()> {
     let h = model.config.hidden_size;
     let dims = parse_list(&a.dims, h, "dimension").context("--dims")?;
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
+    // the larger forward of the two stages (perturbed copies × tokens)
+    let (b, t) = [a.screen_tokens, a.max_tokens]
+        .into_iter()
+        .map(|t| (pscan::batch_for(a.batch, t).min(dims.len()), t))
+        .max_by_key(|(b, t)| b * t)
+        .unwrap_or((1, a.max_tokens));
+    super::announce_plan("dims", &memory::forward_plan(&model, b, t, limit))?;
     let params = ScanParams {
         site,
         op: &op,
@@ -283,6 +296,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
     let ops = ops::parse_ops(&a.op)?;
     let inputs = eval_inputs(&a.eval)?;
     super::ppl::check_texts(&inputs, Some(a.max_tokens))?;
+    let limit = a.mem.limit()?;
     let model = Model::load(&a.model)?;
     let layers = parse_list(&a.layers, model.config.num_layers, "layer").context("--layers")?;
     let all: Vec<&str> = structured::KINDS.iter().map(|(s, _)| *s).collect();
@@ -295,6 +309,10 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
         );
     }
     let texts = super::ppl::load_texts(&model, &inputs, Some(a.max_tokens))?;
+    super::announce_plan(
+        "dims structured",
+        &memory::forward_plan(&model, 1, a.max_tokens, limit),
+    )?;
     let mut groups: Vec<(String, Vec<&str>)> = vec![("all".into(), all.clone())];
     if a.by_kind {
         groups.extend(

@@ -34,20 +34,30 @@ pub struct GenerateArgs {
     /// or norm:final:DIM:OP (OP: zero, randomize, randomize-uniform, scale:F, noise:SIGMA).
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub perturb: Vec<String>,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    let limit = a.mem.limit()?;
     let model = Model::load(&a.model)?;
-    if model.tokenizer()?.encode(&a.prompt)?.is_empty() {
+    let prompt_len = model.tokenizer()?.encode(&a.prompt)?.len();
+    if prompt_len == 0 {
         bail!("--prompt: no tokens");
     }
     let specs: Vec<spec::Spec> = crate::data::split_values(&a.perturb)
         .iter()
         .map(|x| spec::parse(x, &model))
         .collect::<Result<_>>()?;
+    // each new token recomputes the whole sequence
+    let longest = prompt_len + a.max_tokens;
+    super::announce_plan(
+        "generate",
+        &crate::memory::forward_plan(&model, 1, longest, limit),
+    )?;
     let s = Sampling {
         temperature: a.temperature,
         top_p: a.top_p,

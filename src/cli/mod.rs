@@ -104,4 +104,29 @@ impl TextArgs {
     }
 }
 
+/// `--mem-limit`, shared by the commands that load a model.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MemArgs {
+    /// Memory budget (e.g. 16G, 800M): the command prints its memory plan and refuses
+    /// before any work when the plan needs more. Default: 80% of the available memory
+    /// (cgroup and address-space limits included).
+    #[arg(long, value_name = "SIZE")]
+    pub mem_limit: Option<String>,
+}
+
+impl MemArgs {
+    /// The limit in bytes: the flag's size, or the default.
+    pub fn limit(&self) -> Result<u64> {
+        crate::memory::limit_or_default(self.mem_limit.as_deref())
+    }
+}
+
+/// Checks `plan` against its limit (an error with the arithmetic when it needs more), then
+/// prints it on stderr as the one line `CMD: memory plan: …`.
+pub fn announce_plan(cmd: &str, plan: &crate::memory::Plan) -> Result<()> {
+    plan.check(cmd)?;
+    eprintln!("{cmd}: {plan}");
+    Ok(())
+}
+
 pub use output::print_json;

@@ -25,6 +25,8 @@ pub struct PerturbArgs {
     /// Output checkpoint folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     pub save: PathBuf,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -35,9 +37,11 @@ pub fn run(a: PerturbArgs) -> Result<()> {
     if !a.region.is_file() {
         bail!("{}: no such mask file", a.region.display());
     }
+    let limit = a.mem.limit()?;
     let _lock = crate::lock::Lock::dir(&a.save)?;
     let model = Model::load(&a.model)?;
     let region = mask::load_for(&a.region, &model)?;
+    super::announce_plan("perturb", &crate::memory::edit_plan(&model, limit))?;
     let saved = ops::apply(&model, &region, &op, a.seed)?;
     let n = saved.count();
     model.save_hf(&a.save)?;

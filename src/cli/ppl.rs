@@ -3,6 +3,7 @@
 use super::args;
 use crate::data;
 use crate::eval::{self, PplResult};
+use crate::memory;
 use crate::model::Model;
 use crate::outln;
 use crate::progress::bar;
@@ -27,6 +28,8 @@ pub struct PplArgs {
     /// Window advance in tokens (default: seq-len; capped at seq-len - 1 so no token is skipped).
     #[arg(long, value_parser = args::positive_usize)]
     pub stride: Option<usize>,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -62,8 +65,17 @@ pub fn check_texts(inputs: &[data::TextInput], max_tokens: Option<usize>) -> Res
 pub fn run(a: PplArgs) -> Result<()> {
     let inputs = a.inputs.gather(Some(&data::default_eval_dir()))?;
     check_texts(&inputs, a.max_tokens)?;
+    let limit = a.mem.limit()?;
     let model = Model::load(&a.model)?;
     let texts = load_texts(&model, &inputs, a.max_tokens)?;
+    // windows of --seq-len tokens, or the whole of the longest text when shorter
+    let t = texts
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .max()
+        .unwrap_or(2)
+        .min(a.seq_len);
+    super::announce_plan("ppl", &memory::forward_plan(&model, 1, t, limit))?;
     let stride = a.stride.unwrap_or(a.seq_len);
     let total: usize = texts.iter().map(|(_, ids)| ids.len() - 1).sum();
     let pb = bar(total as u64, "ppl", "tok");

@@ -29,6 +29,8 @@ pub struct SuperweightsArgs {
     /// Tokens of the verification text (at least 2).
     #[arg(long, default_value_t = 256, value_parser = args::token_budget)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -40,6 +42,7 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| data::default_eval_dir().join("en.txt"));
     data::check_text(&eval_path, Some(a.max_tokens))?;
+    let limit = a.mem.limit()?;
     let model = Model::load(&a.model)?;
     let tok = model.tokenizer()?;
     let prompt_ids = tok.encode(&a.prompt)?;
@@ -47,6 +50,11 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
         bail!("--prompt: no tokens");
     }
     let ids = data::text_tokens(tok, &eval_path, Some(a.max_tokens))?;
+    let longest = prompt_ids.len().max(ids.len());
+    super::announce_plan(
+        "superweights",
+        &crate::memory::forward_plan(&model, 1, longest, limit),
+    )?;
     let (base, out) = find_and_verify(&model, &prompt_ids, &ids, a.top)?;
     if a.json {
         return super::print_json(&serde_json::json!({

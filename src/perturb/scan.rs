@@ -72,6 +72,12 @@ fn geo_ppl(nlls: &[f64]) -> f64 {
     (nlls.iter().sum::<f64>() / nlls.len() as f64).exp()
 }
 
+/// Perturbed copies per forward for windows of `t` tokens: `batch`, or about 1024 tokens
+/// per forward.
+pub fn batch_for(batch: Option<usize>, t: usize) -> usize {
+    batch.unwrap_or((1024 / t.max(1)).max(1))
+}
+
 /// Runs the scan over `texts` (language, ids at the confirmation length).
 pub fn scan(
     model: &Model,
@@ -96,7 +102,7 @@ pub fn scan(
     let name = p.site.param_name();
     let w = ops::values_f64(&model.values_of(&name)?)?;
     let values = scan::new_values(model, p.site, p.op, p.seed, dims)?;
-    let batch_for = |t: usize| p.batch.unwrap_or((1024 / t.max(1)).max(1));
+    let batch_for = |t: usize| batch_for(p.batch, t);
 
     // baselines; the full-length one also times a naive evaluation of one dimension
     let base_screen = scan::base_nll(model, &screen)?;

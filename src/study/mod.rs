@@ -72,8 +72,44 @@ impl Ctx<'_> {
             self.model_path.display(),
             t.elapsed().as_secs_f64()
         );
+        eprintln!("reproduce: {}", self.forward_plan(&m));
         let _ = self.model.set(m);
         Ok(self.model.get().expect("just set"))
+    }
+
+    /// The memory plan of the largest forward of the stages that only run the model
+    /// (baseline, ablation, scans, generation, super weights), against the default limit;
+    /// importance and forgetting plan their own passes.
+    fn forward_plan(&self, m: &Model) -> crate::memory::Plan {
+        use crate::perturb::scan::batch_for;
+        let c = self.cfg;
+        let prompt = |p: &str| {
+            m.tokenizer
+                .as_ref()
+                .and_then(|t| t.encode(p).ok())
+                .map_or(0, |ids| ids.len())
+        };
+        let gen = c.generation.max_tokens
+            + c.generation
+                .prompts
+                .iter()
+                .map(|p| prompt(p))
+                .max()
+                .unwrap_or(0);
+        let (b, t) = [
+            (1, c.eval.seq_len.min(c.eval.max_tokens)),
+            (batch_for(None, c.dims.screen_tokens), c.dims.screen_tokens),
+            (batch_for(None, c.dims.max_tokens), c.dims.max_tokens),
+            (1, c.superweights.eval_tokens),
+            (1, gen),
+        ]
+        .into_iter()
+        .max_by_key(|(b, t)| b * t)
+        .unwrap_or((1, 2));
+        let mut plan = crate::memory::forward_plan(m, b, t, crate::memory::default_limit());
+        plan.note =
+            "largest forward of the stages; importance and forgetting plan their own".into();
+        plan
     }
 
     /// A path under DIR.
