@@ -44,18 +44,21 @@ pub fn run(a: ForgetArgs) -> Result<()> {
     let eval = data::gather(&[], &[], &a.eval, "--eval", Some(&data::default_eval_dir()))?;
     super::ppl::check_texts(&train, a.hyper.data_tokens)?;
     super::ppl::check_texts(&eval, a.hyper.eval_tokens)?;
+    let config = a.hyper.config(a.save_models)?;
+    let mem_limit = a.hyper.mem.limit()?;
     let _lock = crate::lock::Lock::dir(&a.out)?;
     let spec = ForgetSpec {
         model: a.model.clone(),
         train,
         eval,
         region: a.freeze_region.clone(),
-        config: a.hyper.config(a.save_models)?,
+        config,
         eval_tokens: a.hyper.eval_tokens,
         data_tokens: a.hyper.data_tokens,
         compensation: a.compensation,
         resume: a.hyper.resume,
         out: a.out.clone(),
+        mem_limit,
     };
     let r = forget::run(&spec)?;
     if a.json {

@@ -69,6 +69,8 @@ pub struct HyperArgs {
     /// uninterrupted run).
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub mem: super::MemArgs,
 }
 
 impl HyperArgs {
@@ -169,9 +171,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     super::ppl::check_texts(&data_in, a.hyper.data_tokens)?;
     super::ppl::check_texts(&eval_in, a.hyper.eval_tokens)?;
+    let limit = a.hyper.mem.limit()?;
     let _lock = crate::lock::Lock::dir(&a.out)?;
-    let mut model = train::into_f32(Model::load(&a.model)?)?;
+    // the arithmetic first: decoding a mapped model into f32 is what could exhaust memory
+    let model = Model::load(&a.model)?;
     let freeze = union_masks(&a.freeze, &model)?;
+    let need = crate::memory::TrainNeed::of(
+        &model,
+        &train::trainable(&model, freeze.as_ref())?,
+        cfg.batch,
+        cfg.seq_len,
+        cfg.grad_accum,
+        1,
+    );
+    need.check(limit, &forget::model_name(&a.model))?;
+    super::announce_plan("train", &need.plan(limit))?;
+    let mut model = train::into_f32(model)?;
     let inputs = TrainInputs {
         data: forget::tokenize(&model, &data_in, a.hyper.data_tokens)?,
         eval: forget::tokenize(&model, &eval_in, a.hyper.eval_tokens)?,

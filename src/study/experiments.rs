@@ -352,6 +352,7 @@ pub fn forgetting(ctx: &Ctx) -> Result<Vec<String>> {
         compensation: false,
         resume: true,
         out: ctx.path("forgetting"),
+        mem_limit: crate::memory::default_limit(),
     };
     forget::run(&spec)?;
     Ok(vec![

@@ -45,6 +45,9 @@ pub struct ForgetSpec {
     /// Reuse finished conditions and checkpoints under `out`.
     pub resume: bool,
     pub out: PathBuf,
+    /// Memory limit in bytes: the run refuses before decoding the model when training
+    /// needs more (see [`crate::memory::TrainNeed`]).
+    pub mem_limit: u64,
 }
 
 /// One trained condition.
@@ -275,10 +278,30 @@ fn curves_csv(report: &ForgetReport) -> String {
     s
 }
 
+/// A model's name for messages: its file or folder name.
+pub fn model_name(path: &std::path::Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// Runs the experiment (and, with `spec.compensation`, the compensation experiment).
 pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
-    let base = trainer::into_f32(Model::load(&spec.model)?)?;
+    let base = Model::load(&spec.model)?;
     let region = mask::load_for(&spec.region, &base)?;
+    // the base and one trained copy, with nothing frozen in the `none` condition
+    let need = crate::memory::TrainNeed::of(
+        &base,
+        &vec![true; base.params.len()],
+        spec.config.batch,
+        spec.config.seq_len,
+        spec.config.grad_accum,
+        2,
+    );
+    need.check(spec.mem_limit, &model_name(&spec.model))?;
+    eprintln!("forget: {}", need.plan(spec.mem_limit));
+    let base = trainer::into_f32(base)?;
     let name = spec
         .region
         .file_stem()

@@ -14,4 +14,4 @@ pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use schedule::{lr_at, Schedule};
-pub use trainer::{into_f32, train, RunOptions, TrainConfig, TrainInputs, TrainReport};
+pub use trainer::{into_f32, train, trainable, RunOptions, TrainConfig, TrainInputs, TrainReport};

@@ -144,6 +144,16 @@ pub fn freeze_flags(mask: Option<&Mask>, name: &str) -> Result<Option<Vec<u8>>> 
     }
 }
 
+/// Per parameter (model order), whether it has an entry `mask` leaves trainable (a
+/// parameter the mask does not name is trainable).
+pub fn trainable(model: &Model, mask: Option<&Mask>) -> Result<Vec<bool>> {
+    model
+        .params
+        .iter()
+        .map(|p| Ok(!freeze_flags(mask, &p.name)?.is_some_and(|f| f.iter().all(|&x| x != 0))))
+        .collect()
+}
+
 /// SHA-256 over everything that decides the final weights: the settings that matter, the
 /// training ids, the freeze mask and the initial weights.
 pub fn fingerprint(model: &Model, cfg: &TrainConfig, inputs: &TrainInputs) -> Result<String> {
