@@ -71,16 +71,8 @@ fn check_refusal(args: &[&str], out: &Output, named: &[&str]) -> String {
         !stderr.contains("panicked"),
         "broca {args:?} panicked: {stderr}"
     );
-    let last = stderr
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        last.starts_with("error: "),
-        "broca {args:?}: last stderr line is not 'error: …': {stderr}"
-    );
+    // informational lines before the error: memory plans only
+    let last = common::error_line(&stderr);
     assert!(
         !last.contains(".rs:"),
         "broca {args:?}: a backtrace? {stderr}"

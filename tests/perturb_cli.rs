@@ -1,6 +1,8 @@
 //! The perturbation commands end to end: bad SPECs fail cleanly, `generate --perturb`,
 //! `ablate --json` shape and control labels, `perturb --save`, `dims` outputs.
 
+mod common;
+
 use broca::mask::Mask;
 use broca::model::{Arch, Config, Model};
 use candle_core::{DType, Device, Tensor};
@@ -68,17 +70,11 @@ fn bad_specs_fail_with_one_clear_line() {
         ]);
         assert_ne!(code, 0, "{spec}: should fail");
         assert!(stdout.is_empty(), "{spec}: printed {stdout}");
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{spec}: stderr not one line: {stderr}");
+        let line = common::error_line(&stderr);
+        assert!(line.contains(want), "{spec}: got '{line}', want '{want}'");
         assert!(
-            lines[0].starts_with("error: ") && lines[0].contains(want),
-            "{spec}: got '{}', want '{want}'",
-            lines[0]
-        );
-        assert!(
-            lines[0].contains(spec),
-            "{spec}: the error should name the SPEC: {}",
-            lines[0]
+            line.contains(spec),
+            "{spec}: the error should name the SPEC: {line}"
         );
     }
 }

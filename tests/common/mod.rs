@@ -47,6 +47,29 @@ pub fn asset(rel: &str) -> PathBuf {
     p
 }
 
+/// The final line of a refusal's stderr, which must be `error: …`; a line before it is
+/// allowed only when it is a memory plan (`CMD: memory plan: …`, printed once the inputs
+/// are valid). Panics, quoting stderr, otherwise.
+pub fn error_line(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .trim_end()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let Some((last, before)) = lines.split_last() else {
+        panic!("no error line on stderr");
+    };
+    assert!(
+        last.starts_with("error: "),
+        "last stderr line is not 'error: …': {stderr}"
+    );
+    assert!(
+        before.iter().all(|l| l.contains("memory plan:")),
+        "stderr has more than the error line (and memory plans): {stderr}"
+    );
+    last.to_string()
+}
+
 /// A file inside tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
