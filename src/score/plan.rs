@@ -83,14 +83,7 @@ impl Group {
     }
 }
 
-/// The layer number of a `model.layers.N.*` name.
-pub fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
+pub use crate::region::stats::layer_of;
 
 /// Parses `--layers A-B` (inclusive) against a model of `layers` layers.
 pub fn parse_layers(s: &str, layers: usize) -> Result<(usize, usize)> {

@@ -386,8 +386,9 @@ pub fn score_language(
         meta: &meta,
     };
     let (mut resumed, mut processed, mut computed) = (0, 0, 0);
-    let mut count = |acc_tokens: usize, res: usize, computed: &mut usize| {
-        *computed += slice_tokens - acc_tokens;
+    // a unit that resumed `res` windows computed the rest of the slice
+    let mut count = |res: usize| {
+        computed += slice_tokens - slice[..res].iter().map(|w| w.len()).sum::<usize>();
         resumed += res;
     };
     let target;
@@ -400,11 +401,7 @@ pub fn score_language(
                 continue;
             }
             let (acc, res) = unit.run(g, &mut processed, progress)?;
-            count(
-                slice[..res].iter().map(|w| w.len()).sum(),
-                res,
-                &mut computed,
-            );
+            count(res);
             let e = entries(model, &g.scored(model));
             let mut m = meta.clone();
             m.insert("method".into(), format!("{METHOD_IMPORTANCE}-partial"));
@@ -463,11 +460,7 @@ pub fn score_language(
                 continue;
             }
             let (acc, res) = unit.run(g, &mut processed, progress)?;
-            count(
-                slice[..res].iter().map(|w| w.len()).sum(),
-                res,
-                &mut computed,
-            );
+            count(res);
             for (k, (i, _, _)) in e.iter().enumerate() {
                 if let Some(sum) = acc.sums[*i].as_deref() {
                     let scores = score_from_product(times_param(model, *i, sum)?, acc.windows);
