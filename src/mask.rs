@@ -1,16 +1,158 @@
-//! Region masks: one U8 0/1 tensor per covered parameter, in the parameter's exact shape,
-//! keyed by its HF name, stored as safetensors with a JSON summary beside it
-//! (`FILE.safetensors` + `FILE.json`). A mask matches a model when its names and shapes do.
+//! Region masks. On disk: one U8 0/1 tensor per covered parameter, in the parameter's exact
+//! shape, keyed by its HF name, as safetensors with a JSON summary beside it
+//! (`FILE.safetensors` + `FILE.json`). In memory: the sorted flat indices of the selected
+//! entries ([`MaskTensor`]), so a region costs memory in proportion to its size, not to the
+//! model's. Every mask is read by [`load`], which checks it the same way for every command
+//! (U8, only 0 and 1, sizes that match the header); a mask matches a model when its names
+//! and shapes do.
 
-use crate::io::{read_safetensors, write_json};
+use crate::io::write_json;
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// A region: HF parameter name → U8 tensor of 0/1 in that parameter's shape.
-pub type Mask = BTreeMap<String, Tensor>;
+/// One parameter's part of a region: its shape and the sorted, distinct flat indices of the
+/// selected entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaskTensor {
+    pub shape: Vec<usize>,
+    idx: Vec<u32>,
+}
+
+/// A region: HF parameter name → the selected entries of that parameter.
+pub type Mask = BTreeMap<String, MaskTensor>;
+
+impl MaskTensor {
+    /// The entries whose byte in `bits` (row-major, `shape`) is 1; any value other than 0
+    /// and 1 is an error naming tensor `name`, the value and its place.
+    pub fn from_bits(name: &str, shape: &[usize], bits: &[u8]) -> Result<MaskTensor> {
+        let numel: usize = shape.iter().product();
+        if bits.len() != numel {
+            bail!(
+                "mask tensor {name} has {} values for shape {shape:?}",
+                bits.len()
+            );
+        }
+        check_numel(name, numel)?;
+        if let Some(i) = bits.iter().position(|&b| b > 1) {
+            bail!(
+                "mask tensor {name} holds the value {} at flat index {i}; a mask holds only 0 and 1",
+                bits[i]
+            );
+        }
+        let idx = bits
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == 1)
+            .map(|(i, _)| i as u32)
+            .collect();
+        Ok(MaskTensor {
+            shape: shape.to_vec(),
+            idx,
+        })
+    }
+
+    /// The given flat indices (any order, repeats allowed) of a parameter of `shape`.
+    pub fn from_indices(
+        name: &str,
+        shape: &[usize],
+        idx: impl IntoIterator<Item = usize>,
+    ) -> Result<MaskTensor> {
+        let numel: usize = shape.iter().product();
+        check_numel(name, numel)?;
+        let mut v = Vec::new();
+        for i in idx {
+            if i >= numel {
+                bail!("{name}: entry {i} out of range ({numel} entries)");
+            }
+            v.push(i as u32);
+        }
+        v.sort_unstable();
+        v.dedup();
+        Ok(MaskTensor {
+            shape: shape.to_vec(),
+            idx: v,
+        })
+    }
+
+    /// Number of entries of the parameter.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Number of selected entries.
+    pub fn count(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// The selected flat indices, ascending.
+    pub fn indices(&self) -> Vec<usize> {
+        self.idx.iter().map(|&i| i as usize).collect()
+    }
+
+    /// The selected flat indices, ascending, as stored.
+    pub fn indices_u32(&self) -> &[u32] {
+        &self.idx
+    }
+
+    /// The mask as 0/1 bytes in the parameter's shape (row-major).
+    pub fn to_bits(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.numel()];
+        for &i in &self.idx {
+            b[i as usize] = 1;
+        }
+        b
+    }
+
+    /// The entries selected here or in `other` (same shape).
+    pub fn union(&self, other: &MaskTensor) -> MaskTensor {
+        let mut idx = Vec::with_capacity(self.idx.len() + other.idx.len());
+        let (mut a, mut b) = (self.idx.iter().peekable(), other.idx.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&x), Some(&&y)) if x == y => {
+                    a.next();
+                    b.next();
+                    x
+                }
+                (Some(&&x), Some(&&y)) if x < y => {
+                    a.next();
+                    x
+                }
+                (Some(_), Some(&&y)) => {
+                    b.next();
+                    y
+                }
+                (Some(&&x), None) => {
+                    a.next();
+                    x
+                }
+                (None, Some(&&y)) => {
+                    b.next();
+                    y
+                }
+                (None, None) => break,
+            };
+            idx.push(next);
+        }
+        MaskTensor {
+            shape: self.shape.clone(),
+            idx,
+        }
+    }
+}
+
+/// Flat indices are stored as u32: a tensor of more entries cannot be a mask.
+fn check_numel(name: &str, numel: usize) -> Result<()> {
+    if numel > u32::MAX as usize {
+        bail!(
+            "mask tensor {name} has {numel} entries; at most {} are supported",
+            u32::MAX
+        );
+    }
+    Ok(())
+}
 
 /// Which parameters a region may cover. `Layers` (the paper's default) is every tensor under
 /// `model.layers.*`; `All` adds embeddings, the final norm and lm_head.
@@ -36,67 +178,76 @@ pub fn summary_path(mask: &Path) -> PathBuf {
     mask.with_extension("json")
 }
 
-/// Writes a mask (atomically) and its summary JSON beside it. The summary gets per-tensor
-/// counts, numel and fractions, totals, plus the caller's `how` object (how it was made).
-/// Saving the same mask twice gives byte-identical files.
+/// Writes a mask (atomically, tensor by tensor: at most one tensor's bytes at a time) and
+/// its summary JSON beside it. The summary gets per-tensor counts, numel and fractions,
+/// totals, plus the caller's `how` object (how it was made). Saving the same mask twice
+/// gives byte-identical files.
 pub fn save(path: &Path, mask: &Mask, how: serde_json::Value) -> Result<()> {
     use crate::safetensors_writer::{write, Entry};
-    for (n, t) in mask {
-        if t.dtype() != DType::U8 {
-            bail!("mask tensor {n} must be U8, is {:?}", t.dtype());
-        }
-    }
     let entries = mask
         .iter()
-        .map(|(n, t)| Entry::tensor(n.clone(), t.clone()))
+        .map(|(n, t)| {
+            Entry::stream(
+                n.clone(),
+                t.shape.clone(),
+                safetensors::Dtype::U8,
+                move |w| Ok(w.write_all(&t.to_bits())?),
+            )
+        })
         .collect();
     let meta = BTreeMap::from([
         ("kind".to_string(), "broca-mask".to_string()),
         ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
     ]);
     write(path, entries, Some(&meta))?;
-    write_json(&summary_path(path), &summary(mask, how)?)
+    write_json(&summary_path(path), &summary(mask, how))
 }
 
 /// Per-tensor and total counts of a mask.
-pub fn summary(mask: &Mask, how: serde_json::Value) -> Result<serde_json::Value> {
+pub fn summary(mask: &Mask, how: serde_json::Value) -> serde_json::Value {
     let mut per = Vec::new();
     let (mut total, mut numel) = (0u64, 0u64);
     for (n, t) in mask {
-        let c = count(t)?;
-        let e = t.elem_count() as u64;
+        let c = t.count() as u64;
+        let e = t.numel() as u64;
         total += c;
         numel += e;
         per.push(serde_json::json!({"name": n, "count": c, "numel": e, "fraction": c as f64 / e.max(1) as f64}));
     }
-    Ok(serde_json::json!({
+    serde_json::json!({
         "tensors": per,
         "total": {"count": total, "numel": numel, "fraction": total as f64 / numel.max(1) as f64},
         "how": how,
-    }))
+    })
 }
 
-/// Number of selected (non-zero) entries.
-pub fn count(t: &Tensor) -> Result<u64> {
-    Ok(t.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as u64)
-}
-
-/// Reads a mask file (any model).
+/// Reads a mask file (any model): memory-mapped and converted tensor by tensor, so only
+/// the selected indices stay in memory. Every tensor must be U8 holding only 0 and 1.
 pub fn load(path: &Path) -> Result<Mask> {
-    let (tensors, _) = read_safetensors(path)?;
-    let mut out = Mask::new();
-    for (n, t) in tensors {
-        if t.dtype() != DType::U8 {
-            bail!(
-                "{}: tensor {n} is {:?}, a mask must be U8",
-                path.display(),
-                t.dtype()
-            );
+    load_inner(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn load_inner(path: &Path) -> Result<Mask> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        if path.exists() {
+            anyhow::anyhow!("cannot open ({e})")
+        } else {
+            anyhow::anyhow!("no such file")
         }
-        out.insert(n, t);
+    })?;
+    // SAFETY: the file is only read; Broca writes masks atomically (rename), never in place.
+    let map = unsafe { memmap2::Mmap::map(&f) }.context("cannot map")?;
+    let st = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+    let mut out = Mask::new();
+    for (n, v) in st.tensors() {
+        if v.dtype() != safetensors::Dtype::U8 {
+            bail!("tensor {n} is {:?}, a mask must be U8", v.dtype());
+        }
+        out.insert(n.clone(), MaskTensor::from_bits(&n, v.shape(), v.data())?);
     }
     if out.is_empty() {
-        bail!("{}: mask has no tensors", path.display());
+        bail!("mask has no tensors");
     }
     Ok(out)
 }
@@ -116,8 +267,8 @@ pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
                 "mask tensor {n} is not a parameter of this model (a mask made for another model?)"
             );
         };
-        if v.shape != t.dims() {
-            bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.dims(), v.shape);
+        if v.shape != t.shape {
+            bail!("mask tensor {n} has shape {:?} but the model's parameter has {:?} (a mask made for another model?)", t.shape, v.shape);
         }
     }
     Ok(())
@@ -128,7 +279,7 @@ pub fn check_matches(mask: &Mask, model: &Model) -> Result<()> {
 pub fn check_against_shapes(mask: &Mask, shapes: &[(String, Vec<usize>)]) -> Result<()> {
     let layout: Vec<(String, Vec<usize>)> = mask
         .iter()
-        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .map(|(n, t)| (n.clone(), t.shape.clone()))
         .collect();
     check_layout(&layout, shapes)
 }
@@ -169,18 +320,20 @@ pub fn model_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::io::read_safetensors;
 
     #[test]
     fn saving_the_same_mask_twice_gives_identical_bytes() {
-        let d = &Device::Cpu;
         let mut mask = Mask::new();
         for (i, name) in ["model.layers.1.mlp.up_proj.weight", "model.layers.0.q", "z"]
             .iter()
             .enumerate()
         {
             let v: Vec<u8> = (0..24).map(|j| ((j + i) % 3 == 0) as u8).collect();
-            mask.insert(name.to_string(), Tensor::from_vec(v, (4, 6), d).unwrap());
+            mask.insert(
+                name.to_string(),
+                MaskTensor::from_bits(name, &[4, 6], &v).unwrap(),
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let how = serde_json::json!({"method": "test", "k": 0.5, "seed": 3});
@@ -213,14 +366,32 @@ mod tests {
             back.keys().collect::<Vec<_>>(),
             mask.keys().collect::<Vec<_>>()
         );
+        assert_eq!(back, mask);
+        let (raw, _) = read_safetensors(&first).unwrap();
         for (n, t) in &mask {
-            assert_eq!(back[n].dims(), t.dims());
+            assert_eq!(raw[n].dims(), t.shape.as_slice());
             assert_eq!(
-                back[n].flatten_all().unwrap().to_vec1::<u8>().unwrap(),
-                t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+                raw[n].flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+                t.to_bits()
             );
         }
         // only the two outputs per save, no temporary files left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2 * 9);
+    }
+
+    #[test]
+    fn indices_union_and_bits_agree() {
+        let a = MaskTensor::from_indices("a", &[3, 4], [7, 1, 7, 11]).unwrap();
+        assert_eq!(a.indices(), vec![1, 7, 11]);
+        assert_eq!(a.count(), 3);
+        let b = MaskTensor::from_bits("b", &[3, 4], &a.to_bits()).unwrap();
+        assert_eq!(a, b);
+        let c = MaskTensor::from_indices("c", &[3, 4], [0, 7, 9]).unwrap();
+        assert_eq!(a.union(&c).indices(), vec![0, 1, 7, 9, 11]);
+        assert!(MaskTensor::from_indices("d", &[3, 4], [12]).is_err());
+        let e = MaskTensor::from_bits("e", &[2], &[1, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("value 2 at flat index 1"), "{e}");
     }
 }

@@ -1026,11 +1026,9 @@ fn locked_outputs_are_refused_at_once_and_no_lock_remains() {
         let m = Model::load(tiny).unwrap();
         let mut mk = broca::mask::Mask::new();
         let p = &m.params[1];
-        mk.insert(
-            p.name.clone(),
-            candle_core::Tensor::ones(p.shape.as_slice(), DType::U8, &candle_core::Device::Cpu)
-                .unwrap(),
-        );
+        let ones = vec![1u8; p.shape.iter().product()];
+        let t = broca::mask::MaskTensor::from_bits(&p.name, &p.shape, &ones).unwrap();
+        mk.insert(p.name.clone(), t);
         broca::mask::save(&mask, &mk, serde_json::json!({})).unwrap();
     }
     let held = broca::lock::Lock::dir(&out).unwrap();

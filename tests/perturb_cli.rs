@@ -124,7 +124,7 @@ fn perturb_save_writes_only_the_region_changed() {
     let mut mask = Mask::new();
     mask.insert(
         name.to_string(),
-        Tensor::from_vec(m, dims.as_slice(), &Device::Cpu).unwrap(),
+        broca::mask::MaskTensor::from_bits(name, &dims, &m).unwrap(),
     );
     let mpath = tmp.path().join("r.safetensors");
     broca::mask::save(&mpath, &mask, serde_json::json!({})).unwrap();
@@ -188,7 +188,7 @@ fn ablate_json_has_the_contract_shape_and_labels() {
         let m: Vec<u8> = (0..numel).map(|i| (i % 97 == k) as u8).collect();
         mask.insert(
             n.to_string(),
-            Tensor::from_vec(m, d.as_slice(), &Device::Cpu).unwrap(),
+            broca::mask::MaskTensor::from_bits(n, &d, &m).unwrap(),
         );
         let s: Vec<f32> = (0..numel)
             .map(|i| ((i * 7919) % 1000) as f32 - 500.0)
@@ -325,4 +325,81 @@ fn dims_writes_json_csv_and_png() {
     ]);
     assert_ne!(code, 0);
     assert!(stderr.contains("layer 30 out of range"), "{stderr}");
+}
+
+/// One loader checks every mask the same way: a mask holding a value other than 0 and 1 is
+/// refused by every command that reads masks, naming the file, the tensor and the value.
+#[test]
+fn a_mask_holding_2_is_refused_by_every_command() {
+    use broca::safetensors_writer::{write, Entry};
+    let model = smollm_path();
+    let m = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let en = tmp.path().join("en.txt");
+    std::fs::write(
+        &en,
+        "All human beings are born free and equal in dignity and rights.",
+    )
+    .unwrap();
+    let en_pair = format!("en={}", en.display());
+    for value in [2u8, 255] {
+        let bad = tmp.path().join(format!("bad{value}.safetensors"));
+        let name = "model.layers.0.input_layernorm.weight";
+        let mut v = vec![0u8; 576];
+        v[3] = 1;
+        v[10] = value;
+        let t = Tensor::from_vec(v, 576, &Device::Cpu).unwrap();
+        write(&bad, vec![Entry::tensor(name, t)], None).unwrap();
+        let b = bad.to_str().unwrap();
+        let region = format!("core={b}");
+        let spec = format!("{b}:zero");
+        let out = tmp.path().join(format!("out{value}"));
+        let o = out.to_str().unwrap();
+        let runs: Vec<Vec<&str>> = vec![
+            vec![
+                "perturb", "--model", m, "--region", b, "--op", "zero", "--save", o,
+            ],
+            vec![
+                "ablate",
+                "--model",
+                m,
+                "--region",
+                &region,
+                "--eval",
+                &en_pair,
+                "--max-tokens",
+                "8",
+            ],
+            vec![
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "2",
+                "--perturb",
+                &spec,
+            ],
+            vec![
+                "train", "--model", m, "--data", &en_pair, "--freeze", b, "--steps", "1", "--out",
+                o,
+            ],
+            vec!["region", "stats", b, "--out", o],
+            vec!["region", "compare", b, b],
+            vec!["region", "random", "--like", b, "--out", o],
+        ];
+        for args in runs {
+            let (code, _, stderr) = broca(&args);
+            assert_eq!(code, 1, "{args:?}: {stderr}");
+            let line = common::error_line(&stderr);
+            assert!(
+                line.contains(b)
+                    && line.contains(name)
+                    && line.contains(&format!("value {value} at flat index 10")),
+                "{args:?}: {line}"
+            );
+            assert!(!out.exists(), "{args:?} left {}", out.display());
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Perturbation operations: exact restore, seeded reproducibility, control sizes.
 
-use broca::mask::Mask;
+use broca::mask::{Mask, MaskTensor};
 use broca::model::{Arch, Config, Model};
 use broca::perturb::ops::{self, Op};
 use broca::perturb::select::{self, Control};
@@ -55,7 +55,7 @@ fn random_mask(model: &Model, seed: u64) -> Mask {
             .collect();
         m.insert(
             p.name.clone(),
-            Tensor::from_vec(v, p.var().unwrap().dims(), &Device::Cpu).unwrap(),
+            MaskTensor::from_bits(&p.name, &p.shape, &v).unwrap(),
         );
     }
     m
@@ -81,10 +81,7 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
         let model = tiny(dtype);
         let before = bits(&model);
         let mask = random_mask(&model, 11);
-        let n_masked: usize = mask
-            .values()
-            .map(|t| ops::mask_indices(t).unwrap().len())
-            .sum();
+        let n_masked: usize = mask.values().map(|t| t.count()).sum();
         for op in all_ops() {
             let saved = ops::apply(&model, &mask, &op, 5).unwrap();
             assert_eq!(saved.count(), n_masked);
@@ -94,7 +91,7 @@ fn perturb_then_restore_is_bitwise_exact_for_every_op() {
             for ((name, a), (_, b)) in before.iter().zip(&during) {
                 let idx: std::collections::HashSet<usize> = mask
                     .get(name)
-                    .map(|t| ops::mask_indices(t).unwrap().into_iter().collect())
+                    .map(|t| t.indices().into_iter().collect())
                     .unwrap_or_default();
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
                     if x != y {
@@ -223,19 +220,25 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
         .keys()
         .map(|n| (n.clone(), shapes[n].clone()))
         .collect();
-    let scores = select::summed_abs_scores(&files, &region_shapes).unwrap();
-    for (n, s) in &scores {
-        assert_eq!(s, &sum[n], "{n}: summed |score| wrong");
+    let sf = broca::region::scores::ScoreFiles::open(&files).unwrap();
+    let mut scores = BTreeMap::new();
+    for (n, shape) in &region_shapes {
+        let s = sf.abs_sum(n, shape).unwrap();
+        assert_eq!(s, sum[n], "{n}: summed |score| wrong");
+        scores.insert(n.clone(), s);
     }
     for kind in [Control::Random, Control::Bottom, Control::Top] {
-        let c = select::control(&region, kind, Some(&scores), 4).unwrap();
+        let c = select::control(&region, kind, Some(&sf), 4).unwrap();
+        // the in-memory sums select the same entries as the mapped files
+        let c2 = select::control(&region, kind, Some(&scores), 4).unwrap();
+        assert_eq!(c, c2, "{kind:?}: file and in-memory scores differ");
         assert_eq!(
             c.keys().collect::<Vec<_>>(),
             region.keys().collect::<Vec<_>>()
         );
         for (n, m) in &region {
-            let want = ops::mask_indices(m).unwrap().len();
-            let got = ops::mask_indices(&c[n]).unwrap();
+            let want = m.count();
+            let got = c[n].indices();
             assert_eq!(
                 got.len(),
                 want,
@@ -261,11 +264,7 @@ fn controls_have_the_regions_per_tensor_counts_and_the_right_entries() {
     let a = select::control(&region, Control::Random, None, 4).unwrap();
     let b = select::control(&region, Control::Random, None, 4).unwrap();
     let c = select::control(&region, Control::Random, None, 5).unwrap();
-    let idx = |m: &Mask| {
-        m.values()
-            .map(|t| ops::mask_indices(t).unwrap())
-            .collect::<Vec<_>>()
-    };
+    let idx = |m: &Mask| m.values().map(|t| t.indices()).collect::<Vec<_>>();
     assert_eq!(idx(&a), idx(&b));
     assert_ne!(idx(&a), idx(&c));
     assert!(select::control(&region, Control::Top, None, 0).is_err());

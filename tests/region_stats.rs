@@ -186,10 +186,8 @@ fn smollm2_mask() -> mask::Mask {
         .into_iter()
         .filter(|(n, _)| n.starts_with("model.layers.0.") || n.starts_with("model.layers.29."))
         .map(|(n, s)| {
-            (
-                n,
-                Tensor::zeros(s.as_slice(), DType::U8, &Device::Cpu).unwrap(),
-            )
+            let t = mask::MaskTensor::from_indices(&n, &s, []).unwrap();
+            (n, t)
         })
         .collect()
 }

@@ -25,7 +25,7 @@ fn random_mask(model: &Model, frac: f64, full: &[&str], seed: u64) -> Mask {
         };
         m.insert(
             p.name.clone(),
-            Tensor::from_vec(v, p.var().unwrap().dims(), &Device::Cpu).unwrap(),
+            broca::mask::MaskTensor::from_bits(&p.name, &p.shape, &v).unwrap(),
         );
     }
     m
@@ -33,7 +33,7 @@ fn random_mask(model: &Model, frac: f64, full: &[&str], seed: u64) -> Mask {
 
 fn flags(m: &Mask, name: &str, n: usize) -> Vec<u8> {
     m.get(name)
-        .map(|t| t.flatten_all().unwrap().to_vec1::<u8>().unwrap())
+        .map(|t| t.to_bits())
         .unwrap_or_else(|| vec![0; n])
 }
 
@@ -189,11 +189,7 @@ fn fused_masked_adamw_equals_reference_adamw_in_f64() {
         weight_decay: 0.05,
         clip: Some(0.5),
     };
-    let mut opt = AdamW::new(cfg, &model.params, |n| {
-        mask.get(n)
-            .map(|t| t.flatten_all().unwrap().to_vec1::<u8>().unwrap())
-    })
-    .unwrap();
+    let mut opt = AdamW::new(cfg, &model.params, |n| mask.get(n).map(|t| t.to_bits())).unwrap();
     let init: Vec<Vec<f64>> = model
         .params
         .iter()

@@ -11,7 +11,6 @@ use crate::perturb::ops;
 use crate::perturb::select::{self, Control};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -79,13 +78,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
             .into_iter()
             .map(PathBuf::from)
             .collect();
-        let mut shapes = BTreeMap::new();
-        for (_, m) in &regions {
-            for (n, t) in m {
-                shapes.insert(n.clone(), t.dims().to_vec());
-            }
-        }
-        Some(select::summed_abs_scores(&files, &shapes)?)
+        Some(crate::region::scores::ScoreFiles::open(&files)?)
     } else {
         None
     };
@@ -103,7 +96,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
         regions: &regions,
         ops: &ops,
         controls: &controls,
-        scores: scores.as_ref(),
+        scores: scores.as_ref().map(|s| s as &dyn select::TensorScores),
         texts: &texts,
         seq_len: a.seq_len,
         seed: a.seed,

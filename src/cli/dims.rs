@@ -70,6 +70,10 @@ pub struct ScanArgs {
     /// Perturbed copies per forward (default: about 1024 tokens per forward; at least 1).
     #[arg(long, value_parser = args::positive_usize)]
     pub batch: Option<usize>,
+    /// Screen exactly only the N dims with the largest first-order (gradient) prediction
+    /// (default: every dim in --dims); for wide models.
+    #[arg(long, value_parser = args::positive_usize)]
+    pub exact_dims: Option<usize>,
     /// Seed for randomize / noise.
     #[arg(long, default_value_t = 0, value_parser = args::seed)]
     pub seed: u64,
@@ -216,6 +220,7 @@ fn run_scan(a: ScanArgs) -> Result<()> {
         confirm_top: a.confirm_top,
         confirm_tokens: a.max_tokens,
         batch: a.batch,
+        exact_dims: a.exact_dims,
         seed: a.seed,
     };
     let out = pscan::scan(&model, &a.model.display().to_string(), &texts, &params)?;

@@ -214,7 +214,7 @@ fn finish(out: &Path, r: &Region, how: serde_json::Value, json: bool) -> Result<
     let total = region::total_count(r);
     let numel: u64 = r.values().map(|b| b.data.len() as u64).sum();
     if json {
-        let s = mask::summary(&region::to_mask(r)?, serde_json::Value::Null)?;
+        let s = mask::summary(&region::to_mask(r)?, serde_json::Value::Null);
         return super::print_json(
             &json!({"out": out, "summary": mask::summary_path(out), "total": s["total"], "tensors": r.len()}),
         );

@@ -152,7 +152,7 @@ pub fn union_masks(paths: &[String], model: &Model) -> Result<Option<Mask>> {
         let acc = out.get_or_insert_with(Mask::new);
         for (n, t) in m {
             let t = match acc.remove(&n) {
-                Some(prev) => prev.maximum(&t)?,
+                Some(prev) => prev.union(&t),
                 None => t,
             };
             acc.insert(n, t);

@@ -9,7 +9,6 @@ use crate::model::Model;
 use crate::progress::bar;
 use anyhow::Result;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// One language under one condition.
 #[derive(Clone, Debug, Serialize)]
@@ -45,8 +44,8 @@ pub struct AblationSpec<'a> {
     pub regions: &'a [(String, Mask)],
     pub ops: &'a [Op],
     pub controls: &'a [Control],
-    /// Σ|score| per tensor (from `select::summed_abs_scores`), needed by bottom/top.
-    pub scores: Option<&'a BTreeMap<String, Vec<f32>>>,
+    /// Σ|score| per tensor, needed by bottom/top.
+    pub scores: Option<&'a dyn select::TensorScores>,
     /// Evaluation texts (language, ids).
     pub texts: &'a [(String, Vec<u32>)],
     pub seq_len: usize,

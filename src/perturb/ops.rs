@@ -8,7 +8,7 @@
 use crate::mask::Mask;
 use crate::model::{Model, Undo};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -136,16 +136,6 @@ impl Op {
     }
 }
 
-/// Flat indices of the non-zero entries of a U8 mask tensor.
-pub fn mask_indices(t: &Tensor) -> Result<Vec<usize>> {
-    let v: Vec<u8> = t.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
-    Ok(v.iter()
-        .enumerate()
-        .filter(|(_, &b)| b != 0)
-        .map(|(i, _)| i)
-        .collect())
-}
-
 /// A tensor's values as f64 (exact for f32, f16, bf16).
 pub fn values_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?)
@@ -187,7 +177,7 @@ pub fn apply(model: &Model, mask: &Mask, op: &Op, seed: u64) -> Result<Saved> {
         touched: Vec::new(),
     };
     for (name, m) in mask {
-        let idx = mask_indices(m)?;
+        let idx = m.indices();
         if idx.is_empty() {
             continue;
         }
@@ -236,20 +226,9 @@ pub fn restore(model: &Model, saved: Saved) -> Result<()> {
 
 /// A mask selecting flat entries `idx` of parameter `name` of `model`.
 pub fn entries_mask(model: &Model, name: &str, idx: &[usize]) -> Result<Mask> {
-    let var = model
+    let p = model
         .param(name)
         .with_context(|| format!("{name}: not a parameter of this model"))?;
-    let mut m = vec![0u8; var.elem_count()];
-    for &i in idx {
-        if i >= m.len() {
-            bail!("{name}: entry {i} out of range ({} entries)", m.len());
-        }
-        m[i] = 1;
-    }
-    let mut mask = Mask::new();
-    mask.insert(
-        name.to_string(),
-        Tensor::from_vec(m, var.shape.as_slice(), &Device::Cpu)?,
-    );
-    Ok(mask)
+    let t = crate::mask::MaskTensor::from_indices(name, &p.shape, idx.iter().copied())?;
+    Ok(Mask::from([(name.to_string(), t)]))
 }

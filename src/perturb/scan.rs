@@ -27,7 +27,20 @@ pub struct ScanParams<'a> {
     pub confirm_tokens: usize,
     /// Perturbed copies per forward (default: about 1024 tokens per forward).
     pub batch: Option<usize>,
+    /// Screen exactly only this many dims: those whose first-order (gradient) prediction of
+    /// the change in NLL is largest in magnitude (`None`: every dim), for wide models.
+    pub exact_dims: Option<usize>,
     pub seed: u64,
+}
+
+/// How the exactly screened dims were chosen from the requested ones.
+#[derive(Clone, Debug, Serialize)]
+pub struct Preselection {
+    /// Dims ranked by the first-order prediction.
+    pub from: usize,
+    /// Dims screened exactly (the largest |prediction|).
+    pub kept: usize,
+    pub by: &'static str,
 }
 
 /// One scanned dimension.
@@ -65,6 +78,9 @@ pub struct ScanOutput {
     pub spearman_first_order_vs_screen: f64,
     /// Spearman correlation between screen and confirmation over the confirmed dims.
     pub spearman_screen_vs_confirm: Option<f64>,
+    /// Set when only the dims with the largest first-order prediction were screened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preselected: Option<Preselection>,
     pub timing: serde_json::Value,
 }
 
@@ -76,6 +92,20 @@ fn geo_ppl(nlls: &[f64]) -> f64 {
 /// per forward.
 pub fn batch_for(batch: Option<usize>, t: usize) -> usize {
     batch.unwrap_or((1024 / t.max(1)).max(1))
+}
+
+/// Positions of the `n` largest |pred| (all positions, in order, for `None` or `n ≥ len`),
+/// returned in their original order; ties go to the lower position.
+pub fn preselect(pred: &[f64], n: Option<usize>) -> Vec<usize> {
+    let all: Vec<usize> = (0..pred.len()).collect();
+    let Some(n) = n.filter(|&n| n < pred.len()) else {
+        return all;
+    };
+    let mut order = all;
+    order.sort_by(|&a, &b| pred[b].abs().total_cmp(&pred[a].abs()).then(a.cmp(&b)));
+    order.truncate(n.max(1));
+    order.sort_unstable();
+    order
 }
 
 /// Runs the scan over `texts` (language, ids at the confirmation length).
@@ -92,7 +122,6 @@ pub fn scan(
     if p.dims.is_empty() || texts.is_empty() {
         bail!("nothing to scan (no dimensions or no texts)");
     }
-    let dims = p.dims;
     let langs: Vec<String> = texts.iter().map(|(l, _)| l.clone()).collect();
     let screen: Vec<Vec<u32>> = texts
         .iter()
@@ -101,8 +130,29 @@ pub fn scan(
     let full: Vec<Vec<u32>> = texts.iter().map(|(_, ids)| ids.clone()).collect();
     let name = p.site.param_name();
     let w = ops::values_f64(&model.values_of(&name)?)?;
-    let values = scan::new_values(model, p.site, p.op, p.seed, dims)?;
+    let all_values = scan::new_values(model, p.site, p.op, p.seed, p.dims)?;
     let batch_for = |t: usize| batch_for(p.batch, t);
+
+    // first-order screen of every requested dim: ΔNLL ≈ g_d · (new − old)
+    let tg = Instant::now();
+    let g = scan::norm_gradient(model, p.site, &screen)?;
+    let gradient_s = tg.elapsed().as_secs_f64();
+    let all_pred: Vec<f64> = p
+        .dims
+        .iter()
+        .zip(&all_values)
+        .map(|(&d, &v)| g[d] * (v - w[d]))
+        .collect();
+    let keep = preselect(&all_pred, p.exact_dims);
+    let preselected = (keep.len() < p.dims.len()).then(|| Preselection {
+        from: p.dims.len(),
+        kept: keep.len(),
+        by: "largest |first-order ΔNLL| (gradient of the norm weight on the screening texts)",
+    });
+    let dims: Vec<usize> = keep.iter().map(|&i| p.dims[i]).collect();
+    let values: Vec<f64> = keep.iter().map(|&i| all_values[i]).collect();
+    let pred: Vec<f64> = keep.iter().map(|&i| all_pred[i]).collect();
+    let dims = dims.as_slice();
 
     // baselines; the full-length one also times a naive evaluation of one dimension
     let base_screen = scan::base_nll(model, &screen)?;
@@ -163,15 +213,6 @@ pub fn scan(
     pb.finish_and_clear();
     let confirm_s = tc.elapsed().as_secs_f64();
 
-    // first-order screen
-    let tg = Instant::now();
-    let g = scan::norm_gradient(model, p.site, &screen)?;
-    let gradient_s = tg.elapsed().as_secs_f64();
-    let pred: Vec<f64> = dims
-        .iter()
-        .zip(&values)
-        .map(|(&d, &v)| g[d] * (v - w[d]))
-        .collect();
     let base_mean = base_screen.iter().sum::<f64>() / base_screen.len() as f64;
     let exact: Vec<f64> = scr
         .iter()
@@ -223,6 +264,7 @@ pub fn scan(
         median_dim: dims[median_i],
         spearman_first_order_vs_screen: rho,
         spearman_screen_vs_confirm: rho_sc,
+        preselected,
         timing: serde_json::json!({
             "screen_s": screen_s, "confirm_s": confirm_s, "gradient_s": gradient_s, "total_s": total_s,
             "naive_full_eval_one_dim_s": naive_one_s,
@@ -272,4 +314,19 @@ pub fn write_files(dir: &Path, out: &ScanOutput, with_timing: bool) -> Result<()
         out.base_screen_ppl,
         10,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preselect;
+
+    #[test]
+    fn preselect_keeps_the_largest_magnitudes_in_their_order() {
+        let pred = [0.1, -3.0, 2.0, 0.0, -2.0, 5.0];
+        assert_eq!(preselect(&pred, None), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(preselect(&pred, Some(6)), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(preselect(&pred, Some(2)), vec![1, 5]);
+        // |2.0| = |-2.0|: the lower position wins the tie
+        assert_eq!(preselect(&pred, Some(3)), vec![1, 2, 5]);
+    }
 }

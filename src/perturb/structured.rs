@@ -5,7 +5,6 @@
 use crate::mask::Mask;
 use crate::model::Model;
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
 
 /// The parameter kinds a hidden dimension appears in, and how it sits in each.
 pub const KINDS: [(&str, Stripe); 9] = [
@@ -60,13 +59,13 @@ pub fn stripe_mask(model: &Model, dim: usize, layers: &[usize], kinds: &[&str]) 
                 bail!("{name}: not a parameter of this model")
             };
             let dims = var.shape.clone();
-            let mut m = vec![0u8; var.elem_count()];
-            match stripe {
-                Stripe::Entry => m[dim] = 1,
-                Stripe::Column => (0..dims[0]).for_each(|r| m[r * dims[1] + dim] = 1),
-                Stripe::Row => (0..dims[1]).for_each(|c| m[dim * dims[1] + c] = 1),
-            }
-            mask.insert(name, Tensor::from_vec(m, dims, &Device::Cpu)?);
+            let idx: Vec<usize> = match stripe {
+                Stripe::Entry => vec![dim],
+                Stripe::Column => (0..dims[0]).map(|r| r * dims[1] + dim).collect(),
+                Stripe::Row => (0..dims[1]).map(|c| dim * dims[1] + c).collect(),
+            };
+            let t = crate::mask::MaskTensor::from_indices(&name, &dims, idx)?;
+            mask.insert(name, t);
         }
     }
     Ok(mask)

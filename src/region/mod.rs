@@ -14,9 +14,8 @@ pub mod scores;
 pub mod select;
 pub mod stats;
 
-use crate::mask::Mask;
+use crate::mask::{Mask, MaskTensor};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -73,44 +72,31 @@ pub fn check_fraction(k: f64) -> Result<()> {
     Ok(())
 }
 
-/// Converts a region to a mask (U8 candle tensors).
+/// Converts a region to a mask (sorted indices).
 pub fn to_mask(r: &Region) -> Result<Mask> {
-    let mut out = Mask::new();
-    for (n, b) in r {
-        out.insert(
-            n.clone(),
-            Tensor::from_vec(b.data.clone(), b.shape.as_slice(), &Device::Cpu)?,
-        );
-    }
-    Ok(out)
+    r.iter()
+        .map(|(n, b)| Ok((n.clone(), MaskTensor::from_bits(n, &b.shape, &b.data)?)))
+        .collect()
 }
 
-/// Converts a mask to a region; every value must be 0 or 1.
-pub fn from_mask(m: &Mask) -> Result<Region> {
-    let mut out = Region::new();
-    for (n, t) in m {
-        if t.dtype() != DType::U8 {
-            bail!("mask tensor {n} is {:?}, must be U8", t.dtype());
-        }
-        let data = t.flatten_all()?.to_vec1::<u8>()?;
-        if let Some(v) = data.iter().find(|&&v| v > 1) {
-            bail!("mask tensor {n} holds the value {v}; a mask holds only 0 and 1");
-        }
-        out.insert(
-            n.clone(),
-            Bits {
-                shape: t.dims().to_vec(),
-                data,
-            },
-        );
-    }
-    Ok(out)
+/// Converts a mask to a region (0/1 bytes).
+pub fn from_mask(m: &Mask) -> Region {
+    m.iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                Bits {
+                    shape: t.shape.clone(),
+                    data: t.to_bits(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Reads a mask file as a region.
 pub fn load(path: &Path) -> Result<Region> {
-    let m = crate::mask::load(path)?;
-    from_mask(&m).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok(from_mask(&crate::mask::load(path)?))
 }
 
 /// Writes a region as a mask file with its summary (`how` says how it was made).

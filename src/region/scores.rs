@@ -40,6 +40,74 @@ fn open(path: &Path) -> Result<Mapped> {
     Ok(Mapped { map, lang })
 }
 
+/// Score files opened (memory-mapped) for reading one tensor's Σ|score| at a time: what
+/// the bottom/top controls of a region need, in memory proportional to one tensor.
+pub struct ScoreFiles {
+    files: Vec<(std::path::PathBuf, Mapped)>,
+}
+
+impl ScoreFiles {
+    /// Opens `paths` (at least one).
+    pub fn open(paths: &[impl AsRef<Path>]) -> Result<ScoreFiles> {
+        if paths.is_empty() {
+            bail!("--controls bottom/top need the --scores files the region was made from");
+        }
+        let files = paths
+            .iter()
+            .map(|p| Ok((p.as_ref().to_path_buf(), open(p.as_ref())?)))
+            .collect::<Result<_>>()?;
+        Ok(ScoreFiles { files })
+    }
+
+    /// Σ over the files, in order, of |score| of tensor `name` (flattened, f32), which
+    /// must have `shape` in every file.
+    pub fn abs_sum(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let mut acc = vec![0f32; shape.iter().product()];
+        for (path, m) in &self.files {
+            let st = safetensors::SafeTensors::deserialize(&m.map).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+            })?;
+            let v = st
+                .tensor(name)
+                .map_err(|_| anyhow::anyhow!("{}: no score tensor {name}", path.display()))?;
+            if v.shape() != shape {
+                bail!(
+                    "{}: score tensor {name} has shape {:?}, the region has {shape:?}",
+                    path.display(),
+                    v.shape()
+                );
+            }
+            let mut add = |i: usize, x: f32| -> Result<()> {
+                if !x.is_finite() {
+                    bail!(
+                        "{}: tensor {name} has a non-finite score at flat index {i}",
+                        path.display()
+                    );
+                }
+                acc[i] += x.abs();
+                Ok(())
+            };
+            match v.dtype() {
+                safetensors::Dtype::F32 => {
+                    for (i, b) in v.data().chunks_exact(4).enumerate() {
+                        add(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]))?;
+                    }
+                }
+                safetensors::Dtype::BF16 => {
+                    for (i, b) in v.data().chunks_exact(2).enumerate() {
+                        add(i, half::bf16::from_le_bytes([b[0], b[1]]).to_f32())?;
+                    }
+                }
+                d => bail!(
+                    "{}: tensor {name} is {d:?}, scores must be F32 or BF16",
+                    path.display()
+                ),
+            }
+        }
+        Ok(acc)
+    }
+}
+
 /// The language a score file names (metadata `lang`, else the file stem).
 pub fn lang_of(path: &Path) -> Result<String> {
     Ok(open(path)?.lang)

@@ -18,7 +18,6 @@ use crate::perturb::{spec, structured, superweights as sw};
 use crate::progress::bar;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 
 fn geo(results: &[Value], key: &str) -> f64 {
     geomean(
@@ -49,20 +48,19 @@ pub fn ablation(ctx: &Ctx) -> Result<Vec<String>> {
             mask::load_for(&region_file(ctx, &core_name(k)), model)?,
         ));
     }
-    // Σ_lang |score| of the covered tensors (memory-mapped, in parallel), for bottom/top
-    let scores: Option<BTreeMap<String, Vec<f32>>> =
-        if controls.iter().any(|c| *c != Control::Random) {
-            let (_, sum) =
-                crate::region::scores::sum_abs(&score_files(ctx), crate::mask::Coverage::Layers)?;
-            Some(sum.into_iter().map(|(n, d)| (n, d.data)).collect())
-        } else {
-            None
-        };
+    // Σ_lang |score| per tensor (memory-mapped, one tensor at a time), for bottom/top
+    let scores = if controls.iter().any(|c| *c != Control::Random) {
+        Some(crate::region::scores::ScoreFiles::open(&score_files(ctx))?)
+    } else {
+        None
+    };
     let spec = AblationSpec {
         regions: &regions,
         ops: &op_list,
         controls: &controls,
-        scores: scores.as_ref(),
+        scores: scores
+            .as_ref()
+            .map(|s| s as &dyn crate::perturb::select::TensorScores),
         texts: &texts,
         seq_len: c.eval.seq_len,
         seed: c.seed,
@@ -104,6 +102,7 @@ fn scan_layer(ctx: &Ctx, layer: usize, texts: &[(String, Vec<u32>)]) -> Result<(
         confirm_top: c.confirm_top,
         confirm_tokens: c.max_tokens,
         batch: None,
+        exact_dims: c.exact_dims_for(model.config.hidden_size),
         seed: ctx.cfg.seed,
     };
     let out = pscan::scan(model, &ctx.model_path.display().to_string(), texts, &params)?;

@@ -488,6 +488,12 @@ fn dims(ctx: &Ctx) -> String {
             num(base), num(f(&d["base_ppl"])), f(&d["spearman_first_order_vs_screen"]),
             d["spearman_screen_vs_confirm"].as_f64().map_or("-".into(), |v| format!("{v:.3}")), s(&d["median_dim"])
         ));
+        if let Some(p) = d.get("preselected") {
+            body += &para(&format!(
+                "A wide model: of {} dims, only the {} with the {} were screened exactly (`dims.exact_dims`); the median and the Spearman figures are over those.",
+                s(&p["from"]), s(&p["kept"]), s(&p["by"])
+            ));
+        }
     }
     match read(dir, "structured.json") {
         Some(st) => {

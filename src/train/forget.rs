@@ -115,7 +115,7 @@ pub fn randomize(model: &Model, mask: &Mask, seed: u64) -> Result<()> {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1()?;
-        let flags: Vec<u8> = m.flatten_all()?.to_vec1()?;
+        let flags: Vec<u8> = m.to_bits();
         let n = w.len() as f64;
         let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
         let var_ = w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -312,7 +312,7 @@ pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
     let train_langs: Vec<String> = data.iter().map(|d| d.0.clone()).collect();
     let eval_langs: Vec<String> = eval.iter().map(|d| d.0.clone()).collect();
     let random = crate::region::to_mask(&crate::region::random::random_like(
-        &crate::region::from_mask(&region).with_context(|| format!("{}", spec.region.display()))?,
+        &crate::region::from_mask(&region),
         spec.config.seed ^ 0x5eed_0001,
     ))?;
     std::fs::create_dir_all(&spec.out)

@@ -134,13 +134,7 @@ pub fn into_f32(mut model: Model) -> Result<Model> {
 pub fn freeze_flags(mask: Option<&Mask>, name: &str) -> Result<Option<Vec<u8>>> {
     match mask.and_then(|m| m.get(name)) {
         None => Ok(None),
-        Some(t) => Ok(Some(
-            t.flatten_all()?
-                .to_vec1::<u8>()?
-                .into_iter()
-                .map(|x| (x != 0) as u8)
-                .collect(),
-        )),
+        Some(t) => Ok(Some(t.to_bits())),
     }
 }
 
@@ -224,9 +218,6 @@ pub fn train(
     }
     if let Some(m) = inputs.freeze {
         crate::mask::check_matches(m, model)?;
-        if let Some((n, t)) = m.iter().find(|(_, t)| t.dtype() != DType::U8) {
-            bail!("freeze mask tensor {n} is {:?}; masks are U8", t.dtype());
-        }
     }
     let mut stream = Stream::new(inputs.data.clone(), cfg.seq_len, cfg.seed)?;
     let fp = fingerprint(model, cfg, inputs)?;
