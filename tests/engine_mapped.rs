@@ -118,8 +118,7 @@ fn overlays_equal_in_place(mapped: &Model, dense: &Model) {
         .iter()
         .map(|p| (p.name.clone(), p.shape.clone()))
         .collect();
-    let region = broca::region::random::random_fraction(&shapes, 0.01, 7, Coverage::Layers);
-    let mask = broca::region::to_mask(&region).unwrap();
+    let mask = broca::region::random::random_fraction(&shapes, 0.01, 7, Coverage::Layers).unwrap();
     for op in [Op::Zero, Op::Scale(-3.0), Op::Randomize] {
         let sm = ops::apply(mapped, &mask, &op, 11).unwrap();
         let sd = ops::apply(dense, &mask, &op, 11).unwrap();

@@ -318,30 +318,38 @@ fn random_region(seed: u64, p: f64) -> Region {
 
 #[test]
 fn random_like_has_exact_counts_and_is_seed_reproducible() {
-    let like = random_region(3, 0.3);
-    let a = region::random::random_like(&like, 42);
-    let b = region::random::random_like(&like, 42);
-    let c = region::random::random_like(&like, 43);
+    let like = region::to_mask(&random_region(3, 0.3)).unwrap();
+    let a = region::random::random_like(&like, 42).unwrap();
+    let b = region::random::random_like(&like, 42).unwrap();
+    let c = region::random::random_like(&like, 43).unwrap();
     assert_eq!(a, b, "same seed, same region");
     assert_ne!(a, c, "another seed, another region");
     for (n, x) in &like {
         assert_eq!(a[n].count(), x.count(), "{n}");
         assert_eq!(a[n].shape, x.shape);
-        assert!(a[n].data.iter().all(|&v| v <= 1));
+    }
+    // the index draw selects exactly the entries of the byte draw with the same seed
+    for (n, x) in &like {
+        let s = 42 ^ region::random::name_hash(n).rotate_left(17);
+        let bits = region::random::random_bits(&x.shape, x.count(), s);
+        assert_eq!(a[n].to_bits(), bits.data, "{n}");
     }
     // uniform: over many seeds every entry of a 30-entry tensor with 9 picked is chosen ~30%
-    let one: Region = [(
-        "x".to_string(),
-        Bits {
-            shape: vec![30],
-            data: [vec![1u8; 9], vec![0; 21]].concat(),
-        },
-    )]
-    .into();
+    let one = region::to_mask(
+        &[(
+            "x".to_string(),
+            Bits {
+                shape: vec![30],
+                data: [vec![1u8; 9], vec![0; 21]].concat(),
+            },
+        )]
+        .into(),
+    )
+    .unwrap();
     let mut hits = [0u32; 30];
     for s in 0..4000 {
-        for (i, &v) in region::random::random_like(&one, s)["x"]
-            .data
+        for (i, &v) in region::random::random_like(&one, s).unwrap()["x"]
+            .to_bits()
             .iter()
             .enumerate()
         {

@@ -210,11 +210,16 @@ fn load_mask(path: &Path, model: Option<&Path>) -> Result<Region> {
 
 /// Saves, then prints the summary (JSON or one line).
 fn finish(out: &Path, r: &Region, how: serde_json::Value, json: bool) -> Result<()> {
-    region::save(out, r, how)?;
-    let total = region::total_count(r);
-    let numel: u64 = r.values().map(|b| b.data.len() as u64).sum();
+    finish_mask(out, &region::to_mask(r)?, how, json)
+}
+
+/// [`finish`] for a mask.
+fn finish_mask(out: &Path, r: &mask::Mask, how: serde_json::Value, json: bool) -> Result<()> {
+    mask::save(out, r, how)?;
+    let total: u64 = r.values().map(|t| t.count() as u64).sum();
+    let numel: u64 = r.values().map(|t| t.numel() as u64).sum();
     if json {
-        let s = mask::summary(&region::to_mask(r)?, serde_json::Value::Null);
+        let s = mask::summary(r, serde_json::Value::Null);
         return super::print_json(
             &json!({"out": out, "summary": mask::summary_path(out), "total": s["total"], "tensors": r.len()}),
         );
@@ -261,20 +266,25 @@ fn random(a: RandomArgs) -> Result<()> {
     let _lock = Lock::file(&a.out)?;
     let (r, how) = match (&a.like, a.k, &a.model) {
         (Some(like), _, model) => {
-            let like_mask = load_mask(like, model.as_deref())?;
-            let r = region::random::random_like(&like_mask, a.seed);
+            let like_mask = mask::load(like)?;
+            if let Some(m) = model {
+                mask::check_against_shapes(&like_mask, &mask::model_shapes(m)?).with_context(
+                    || format!("{} does not fit the model {}", like.display(), m.display()),
+                )?;
+            }
+            let r = region::random::random_like(&like_mask, a.seed)?;
             (r, json!({"method": "random", "like": like, "seed": a.seed}))
         }
         (None, Some(k), Some(model)) => {
             region::check_fraction(k)?;
             let shapes = crate::mask::model_shapes(model)?;
-            let r = region::random::random_fraction(&shapes, k, a.seed, Coverage::Layers);
+            let r = region::random::random_fraction(&shapes, k, a.seed, Coverage::Layers)?;
             let how = json!({"method": "random", "k": k, "model": model, "seed": a.seed, "include": "layers"});
             (r, how)
         }
         _ => bail!("--like MASK, or --k F with --model PATH, is required"),
     };
-    finish(&a.out, &r, how, a.json)
+    finish_mask(&a.out, &r, how, a.json)
 }
 
 fn ops(a: OpsArgs) -> Result<()> {

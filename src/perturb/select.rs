@@ -4,7 +4,7 @@
 //! [`crate::region::random`]'s.
 
 use crate::mask::{Mask, MaskTensor};
-use crate::region::random::{name_hash, random_bits};
+use crate::region::random::{name_hash, random_indices};
 use crate::region::select::{apply, cut, Direction};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -78,7 +78,11 @@ pub fn control(
     for (name, m) in region {
         let k = m.count();
         let bits = match kind {
-            Control::Random => random_bits(&m.shape, k, seed ^ 0x5eed_c0de ^ name_hash(name)).data,
+            Control::Random => {
+                let s = seed ^ 0x5eed_c0de ^ name_hash(name);
+                out.insert(name.clone(), random_indices(name, &m.shape, k, s)?);
+                continue;
+            }
             Control::Bottom | Control::Top => {
                 let s = scores
                     .context("bottom/top controls need --scores")?

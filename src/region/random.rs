@@ -1,7 +1,9 @@
 //! Random control regions: the same number of entries per tensor as a given region, chosen
 //! uniformly without replacement, reproducible from a seed.
 
-use super::{Bits, Region};
+use super::Bits;
+use crate::mask::{Mask, MaskTensor};
+use anyhow::Result;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
@@ -24,35 +26,43 @@ pub fn random_bits(shape: &[usize], count: usize, seed: u64) -> Bits {
     b
 }
 
-/// A region with `like`'s per-tensor counts, uniformly placed, from `seed`.
-pub fn random_like(like: &Region, seed: u64) -> Region {
-    like.par_iter()
-        .map(|(n, b)| {
-            let s = seed ^ name_hash(n).rotate_left(17);
-            (n.clone(), random_bits(&b.shape, b.count() as usize, s))
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect()
+/// Exactly `count` of the entries of a parameter of `shape`, uniformly chosen: the same
+/// entries as [`random_bits`] with the same seed, as an index list.
+pub fn random_indices(name: &str, shape: &[usize], count: usize, seed: u64) -> Result<MaskTensor> {
+    let n: usize = shape.iter().product();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let idx = rand::seq::index::sample(&mut rng, n, count.min(n)).into_iter();
+    MaskTensor::from_indices(name, shape, idx)
 }
 
-/// A region of floor(k · numel) uniformly placed entries in each of `shapes`' tensors that
-/// `cov` covers, from `seed`: a random region made from a model's shapes alone.
+/// A mask with `like`'s per-tensor counts, uniformly placed, from `seed`.
+pub fn random_like(like: &Mask, seed: u64) -> Result<Mask> {
+    like.par_iter()
+        .map(|(n, t)| {
+            let s = seed ^ name_hash(n).rotate_left(17);
+            Ok((n.clone(), random_indices(n, &t.shape, t.count(), s)?))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().collect())
+}
+
+/// A mask of floor(k · numel) uniformly placed entries in each of `shapes`' tensors that
+/// `cov` covers, from `seed`: a random region made from a model's shapes alone, in memory
+/// proportional to its size.
 pub fn random_fraction(
     shapes: &[(String, Vec<usize>)],
     k: f64,
     seed: u64,
     cov: crate::mask::Coverage,
-) -> Region {
+) -> Result<Mask> {
     shapes
         .par_iter()
         .filter(|(n, _)| crate::mask::is_covered(n, cov))
         .map(|(n, shape)| {
             let s = seed ^ name_hash(n).rotate_left(17);
             let count = super::region_size(k, shape.iter().product::<usize>() as u64);
-            (n.clone(), random_bits(shape, count as usize, s))
+            Ok((n.clone(), random_indices(n, shape, count as usize, s)?))
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().collect())
 }

@@ -311,10 +311,7 @@ pub fn run(spec: &ForgetSpec) -> Result<ForgetReport> {
     let eval = tokenize(&base, &spec.eval, spec.eval_tokens)?;
     let train_langs: Vec<String> = data.iter().map(|d| d.0.clone()).collect();
     let eval_langs: Vec<String> = eval.iter().map(|d| d.0.clone()).collect();
-    let random = crate::region::to_mask(&crate::region::random::random_like(
-        &crate::region::from_mask(&region),
-        spec.config.seed ^ 0x5eed_0001,
-    ))?;
+    let random = crate::region::random::random_like(&region, spec.config.seed ^ 0x5eed_0001)?;
     std::fs::create_dir_all(&spec.out)
         .with_context(|| format!("{}: cannot create", spec.out.display()))?;
     mask::save(
