@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod fused;
 pub mod gguf;
+mod gguf_header;
 pub mod hf;
 pub mod ops;
 pub mod store;
