@@ -1317,3 +1317,91 @@ fn leftovers_of_killed_runs_are_swept() {
         assert!(left.is_empty(), "{sig}: left {left:?}");
     }
 }
+
+/// Files (not folders) below `dir`.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    listing(dir).into_iter().filter(|p| p.is_file()).collect()
+}
+
+/// Class 8: a tokenizer whose ids exceed the model's vocabulary is refused naming the
+/// tokenizer file and the model (dense and mapped weights; ppl, generate and score, which
+/// creates nothing), and a model folder without tokenizer.json names the folder and the file.
+#[test]
+fn a_foreign_tokenizer_and_a_missing_one_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // SmolLM2's tokenizer on a model of 37 rows
+    let small = d.join("small-vocab");
+    let mut m = Model::random(Config::tiny(Arch::Llama), DType::F32, 3).unwrap();
+    m.tokenizer = Some(common::gguf_tokenizer(SMOLLM));
+    m.save_hf(&small).unwrap();
+    let tok = small.join("tokenizer.json");
+    let en = fixture("udhr-en.txt");
+    let (en, small_s) = (s(&en), s(&small));
+    let pair = format!("en={en}");
+    let out = d.join("scores");
+    let named = [
+        s(&tok),
+        "is outside the vocabulary of",
+        small_s,
+        "(37 rows in model.embed_tokens.weight): the tokenizer does not belong to this model",
+    ];
+    for weights in ["dense", "mapped"] {
+        let runs: [&[&str]; 3] = [
+            &[
+                "ppl",
+                "--model",
+                small_s,
+                "--text",
+                en,
+                "--max-tokens",
+                "40",
+            ],
+            &[
+                "generate",
+                "--model",
+                small_s,
+                "--prompt",
+                "Hello world",
+                "--max-tokens",
+                "2",
+            ],
+            &[
+                "score",
+                "--model",
+                small_s,
+                "--lang",
+                &pair,
+                "--tokens",
+                "32",
+                "--seq-len",
+                "16",
+                "--out",
+                s(&out),
+            ],
+        ];
+        for args in runs {
+            let o = cmd(args, d)
+                .env("BROCA_WEIGHTS", weights)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            check_refusal(args, &o, &named);
+        }
+        assert_eq!(files_below(&out), Vec::<PathBuf>::new(), "{weights}");
+    }
+    // a model folder without tokenizer.json
+    let bare = d.join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny_model().join(f), bare.join(f)).unwrap();
+    }
+    refused(
+        d,
+        &["ppl", "--model", s(&bare), "--text", en],
+        &[&format!(
+            "error: {}: no tokenizer.json in this model folder",
+            s(&bare)
+        )],
+    );
+}

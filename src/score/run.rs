@@ -353,6 +353,8 @@ pub fn score_language(
         bail!("--dtype: scores are stored as f32 or bf16");
     }
     let model = job.model;
+    // before any file is created
+    model.check_token_ids(ids)?;
     let start = Instant::now();
     let wins = windows(ids.len(), opts.seq_len).with_context(|| format!("language {lang}"))?;
     let hash = args_hash(
