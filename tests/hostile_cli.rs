@@ -1318,9 +1318,247 @@ fn leftovers_of_killed_runs_are_swept() {
     }
 }
 
+/// `tiny_model()`'s shapes with every layer matrix scaled by 1e30: finite weights whose
+/// attention scores overflow f32 in layer 0, so every result is NaN.
+fn huge_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-huge-llama");
+        let tok = common::gguf_tokenizer(SMOLLM);
+        let mut cfg = Config::tiny(Arch::Llama);
+        cfg.vocab_size = tok.inner.get_vocab_size(true);
+        let m = Model::random(cfg.clone(), DType::F32, 5).unwrap();
+        let w = m
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let v = m.values(i).unwrap();
+                let layer_matrix = p.name.starts_with("model.layers.") && p.shape.len() == 2;
+                let v = if layer_matrix { (v * 1e30).unwrap() } else { v };
+                (p.name.clone(), v)
+            })
+            .collect();
+        let mut h = Model::from_weights(cfg, w).unwrap();
+        h.tokenizer = Some(tok);
+        h.save_hf(&p).unwrap();
+        p
+    })
+}
+
 /// Files (not folders) below `dir`.
 fn files_below(dir: &Path) -> Vec<PathBuf> {
     listing(dir).into_iter().filter(|p| p.is_file()).collect()
+}
+
+/// Class 6: a command whose result is non-finite exits 1 naming the text, the token and
+/// window, and the first step of the forward that went non-finite (with the model); a
+/// perturbation that overflows a weight is not saved; an overflowed score sum names its
+/// tensor.
+#[test]
+fn non_finite_results_exit_1_naming_the_first_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let huge = s(huge_model());
+    let tiny = s(tiny_model());
+    let en = d.join("en.txt");
+    std::fs::write(
+        &en,
+        "The quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let en = s(&en);
+    let pair = format!("en={en}");
+    let first = format!("the output of layer 0 of {huge}");
+    let nll = "non-finite NLL (NaN) at token 1 (window 0: tokens 0..16)";
+    let mask = d.join("mask.safetensors");
+    let o = run(
+        &[
+            "region",
+            "random",
+            "--model",
+            tiny,
+            "--k",
+            "0.05",
+            "--out",
+            s(&mask),
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mask_pair = format!("m={}", s(&mask));
+    let sixteen = ["--max-tokens", "40", "--seq-len", "16"];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            [&["ppl", "--model", huge, "--text", en][..], &sixteen].concat(),
+            vec!["error: ppl: ", en, nll, &first],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                huge,
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "2",
+            ],
+            vec![
+                "error: generate: non-finite logit (NaN)",
+                "of new token 0 (position 1)",
+                &first,
+            ],
+        ),
+        (
+            [
+                &[
+                    "ablate", "--model", huge, "--region", &mask_pair, "--eval", &pair,
+                ][..],
+                &sixteen,
+            ]
+            .concat(),
+            vec!["error: ablate: text en: ", nll, &first],
+        ),
+        (
+            vec![
+                "dims",
+                "--model",
+                huge,
+                "--norm",
+                "input",
+                "--layer",
+                "0",
+                "--op",
+                "zero",
+                "--dims",
+                "0-1",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+                "--screen-tokens",
+                "16",
+                "--confirm-top",
+                "1",
+            ],
+            vec!["error: dims: unperturbed model: text en: ", nll, &first],
+        ),
+        (
+            vec![
+                "dims",
+                "structured",
+                "--model",
+                huge,
+                "--dim",
+                "0",
+                "--op",
+                "zero",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+            ],
+            vec![
+                "error: dims structured: condition base: text en: ",
+                nll,
+                &first,
+            ],
+        ),
+        (
+            vec![
+                "superweights",
+                "--model",
+                huge,
+                "--eval",
+                en,
+                "--max-tokens",
+                "16",
+                "--top",
+                "1",
+            ],
+            vec!["error: superweights: ", en, nll, &first],
+        ),
+        // a perturbed norm entry of 1e30 overflows the attention of layer 0
+        (
+            vec![
+                "dims",
+                "--model",
+                tiny,
+                "--norm",
+                "input",
+                "--layer",
+                "0",
+                "--op",
+                "scale:1e30",
+                "--dims",
+                "0-1",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+                "--screen-tokens",
+                "16",
+                "--confirm-top",
+                "1",
+            ],
+            vec![
+                "error: dims: dimension ",
+                "of model.layers.0.input_layernorm.weight",
+                "non-finite result",
+            ],
+        ),
+    ];
+    for (args, named) in &cases {
+        refused(d, args, named);
+    }
+    // score: nothing is left but the (empty) output folder
+    let out = d.join("scores");
+    let args = [
+        "score",
+        "--model",
+        huge,
+        "--lang",
+        &pair,
+        "--tokens",
+        "32",
+        "--seq-len",
+        "16",
+        "--out",
+        s(&out),
+    ];
+    let o = run(&args, d);
+    check_refusal(&args, &o, &["error: score: ", en, nll, &first]);
+    assert_eq!(files_below(&out), Vec::<PathBuf>::new());
+    // a perturbation that overflows f32 is refused by tensor and not saved
+    let save = d.join("perturbed");
+    let args = [
+        "perturb",
+        "--model",
+        tiny,
+        "--region",
+        s(&mask),
+        "--op",
+        "scale:1e45",
+        "--save",
+        s(&save),
+    ];
+    let o = run(&args, d);
+    check_refusal(
+        &args,
+        &o,
+        &["model.safetensors", "non-finite value (", "not saved"],
+    );
+    assert_eq!(files_below(&save), Vec::<PathBuf>::new());
+    // an overflowed gradient sum names its tensor
+    let m = Model::load(tiny_model()).unwrap();
+    let i = 1;
+    let sums = vec![f64::MAX; m.params[i].elem_count()];
+    let e = broca::score::accumulate::times_param(&m, i, &sums).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with(&format!("{}: non-finite score", m.params[i].name)),
+        "{e}"
+    );
 }
 
 /// Class 8: a tokenizer whose ids exceed the model's vocabulary is refused naming the

@@ -4,6 +4,7 @@
 mod backward;
 pub mod checkpoint;
 pub mod config;
+mod finite;
 pub mod fused;
 pub mod gguf;
 mod gguf_header;

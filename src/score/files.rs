@@ -196,6 +196,11 @@ impl ResultFile {
         })
     }
 
+    /// The temporary path being filled.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Writes tensor `i`'s values at its offset.
     pub fn write_tensor(&mut self, i: usize, v: &[f64]) -> Result<()> {
         use std::io::{Seek, SeekFrom};

@@ -461,7 +461,17 @@ pub fn score_language(
                 progress(slice_tokens);
                 continue;
             }
-            let (acc, res) = unit.run(g, &mut processed, progress)?;
+            let (acc, res) = match unit.run(g, &mut processed, progress) {
+                Ok(r) => r,
+                Err(e) if record.done.is_empty() => {
+                    // no pass is in the result file yet: nothing there to resume from
+                    let _ = std::fs::remove_file(result.path());
+                    let _ = std::fs::remove_file(&record_path);
+                    let _ = std::fs::remove_dir(partial_dir(job.out));
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             count(res);
             for (k, (i, _, _)) in e.iter().enumerate() {
                 if let Some(sum) = acc.sums[*i].as_deref() {
