@@ -1643,3 +1643,210 @@ fn a_foreign_tokenizer_and_a_missing_one_are_named() {
         )],
     );
 }
+
+/// Class 11: a corrupt earlier result under `score --out DIR` (the result, a shard's result,
+/// the resume state, a multi-pass run's `.result.part` or `.passes.json`) is said on stderr in
+/// one line and computed again, giving the clean run's bytes; `score merge` names the job
+/// that recomputes an unreadable shard. A truncated mask given as input is one error line
+/// naming it.
+#[test]
+fn corrupt_earlier_results_are_recomputed_or_named() {
+    use broca::score::plan::{self, Include};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tiny = s(tiny_model());
+    let en = fixture("udhr-en.txt");
+    let pair = format!("en={}", s(&en));
+    // the smallest limit of a one-layer pass at the bottom: several passes
+    let model = Model::load(tiny_model()).unwrap();
+    let limit = plan::plan(&model, Include::Layers, Some((0, 0)), 1, 16, u64::MAX)
+        .unwrap()
+        .plan
+        .peak()
+        .to_string();
+    let split = plan::plan(&model, Include::Layers, None, 1, 16, limit.parse().unwrap()).unwrap();
+    assert!(split.groups.len() > 1, "{:?}", split.groups);
+    let score = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--model",
+            tiny,
+            "--lang",
+            &pair,
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--checkpoint-windows",
+            "1",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        run(&args, d)
+    };
+    let ok = |o: &Output| {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let result = |out: &Path| read(out.join("en.safetensors"));
+    let clean = d.join("clean");
+    ok(&score(&clean, &[]));
+    let clean = result(&clean);
+    let garbage: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+
+    // the result itself, truncated or garbage
+    for (k, bad) in [&clean[..100], &garbage[..]].into_iter().enumerate() {
+        let out = d.join(format!("result-{k}"));
+        ok(&score(&out, &[]));
+        let f = out.join("en.safetensors");
+        std::fs::write(&f, bad).unwrap();
+        let err = ok(&score(&out, &[]));
+        let line = format!("score: {}: not a valid safetensors file", s(&f));
+        assert!(
+            err.contains(&line) && err.contains("; computing it again"),
+            "{err}"
+        );
+        assert_eq!(result(&out), clean);
+    }
+    // the resume state of a run stopped after two windows
+    let out = d.join("state");
+    let o = score(&out, &["--stop-after-windows", "2"]);
+    assert!(
+        text(&o.stderr).contains("stopped after"),
+        "{}",
+        text(&o.stderr)
+    );
+    let state = out.join(".partial/en.state.safetensors");
+    std::fs::write(&state, &garbage).unwrap();
+    let err = ok(&score(&out, &[]));
+    assert!(
+        err.contains(&format!("score: {}: not a valid", s(&state))),
+        "{err}"
+    );
+    assert!(err.contains("; starting this part over"), "{err}");
+    assert_eq!(result(&out), clean);
+
+    // a multi-pass run stopped in its second pass: its result part and pass record
+    let mp = ["--mem-limit", &limit];
+    let reference = d.join("passes");
+    ok(&score(&reference, &mp));
+    let reference = result(&reference);
+    let stopped = |name: &str| {
+        let out = d.join(name);
+        let mut extra = mp.to_vec();
+        extra.extend(["--stop-after-windows", "5"]);
+        let o = score(&out, &extra);
+        assert!(
+            text(&o.stderr).contains("stopped after"),
+            "{}",
+            text(&o.stderr)
+        );
+        assert!(out.join(".partial/en.passes.json").is_file());
+        out
+    };
+    let out = stopped("part");
+    let part = out.join(".partial/en.result.part");
+    let bytes = read(part.clone());
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    let err = ok(&score(&out, &mp));
+    let line = format!("score: {}: unusable", s(&part));
+    assert!(
+        err.contains(&line) && err.contains("computing every pass again"),
+        "{err}"
+    );
+    assert_eq!(result(&out), reference);
+    let out = stopped("record");
+    let record = out.join(".partial/en.passes.json");
+    std::fs::write(&record, b"{\"header_sha\": 7").unwrap();
+    let err = ok(&score(&out, &mp));
+    let line = format!("score: {}: unreadable pass record", s(&record));
+    assert!(err.contains(&line), "{err}");
+    assert_eq!(result(&out), reference);
+
+    // score merge with an unreadable shard: the job that recomputes it
+    let out = d.join("shards");
+    for sh in ["0/2", "1/2"] {
+        ok(&score(&out, &["--shard", sh]));
+    }
+    let shard = out.join(".partial/en.shard-1-of-2.safetensors");
+    std::fs::write(&shard, &garbage[..64]).unwrap();
+    let args = ["score", "merge", "--out", s(&out)];
+    let o = run(&args, d);
+    let fix = format!(
+        "recompute it with `broca score --lang en=TEXT --shard 1/2 --out {}` (the job's other arguments as before), then rerun `broca score merge --out {}`",
+        s(&out),
+        s(&out)
+    );
+    check_refusal(&args, &o, &[s(&shard), &fix]);
+
+    // a truncated mask as input
+    let mask = d.join("mask.safetensors");
+    ok(&run(
+        &[
+            "region",
+            "random",
+            "--model",
+            tiny,
+            "--k",
+            "0.05",
+            "--out",
+            s(&mask),
+        ],
+        d,
+    ));
+    let m = read(mask.clone());
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &m[..m.len() / 2]).unwrap();
+    let cut_s = s(&cut);
+    let region = format!("r={cut_s}");
+    let perturb = format!("{cut_s}:zero");
+    let (train_out, stats_out, save) = (d.join("t"), d.join("st"), d.join("p"));
+    let runs: [&[&str]; 6] = [
+        &[
+            "ablate", "--model", tiny, "--region", &region, "--eval", &pair,
+        ],
+        &[
+            "generate",
+            "--model",
+            tiny,
+            "--prompt",
+            "Hi",
+            "--perturb",
+            &perturb,
+        ],
+        &[
+            "perturb",
+            "--model",
+            tiny,
+            "--region",
+            cut_s,
+            "--op",
+            "zero",
+            "--save",
+            s(&save),
+        ],
+        &[
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            &pair,
+            "--steps",
+            "1",
+            "--freeze",
+            cut_s,
+            "--out",
+            s(&train_out),
+        ],
+        &["region", "stats", cut_s, "--out", s(&stats_out)],
+        &["region", "compare", s(&mask), cut_s],
+    ];
+    for args in runs {
+        let o = run(args, d);
+        check_refusal(args, &o, &[cut_s]);
+    }
+}
