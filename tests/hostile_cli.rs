@@ -1351,7 +1351,7 @@ fn files_below(dir: &Path) -> Vec<PathBuf> {
     listing(dir).into_iter().filter(|p| p.is_file()).collect()
 }
 
-/// Class 6: a command whose result is non-finite exits 1 naming the text, the token and
+/// Non-finite results: a command whose result is non-finite exits 1 naming the text, the token and
 /// window, and the first step of the forward that went non-finite (with the model); a
 /// perturbation that overflows a weight is not saved; an overflowed score sum names its
 /// tensor.
