@@ -8,7 +8,7 @@
 //! `seq_len - 1`: with the default stride (= seq_len) consecutive windows share one token.
 
 use crate::model::Model;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use serde::Serialize;
 
@@ -65,7 +65,8 @@ pub struct PplResult {
     pub scored_bytes: usize,
 }
 
-/// Sum of NLL over every scored token of `ids`, plus the count of scored tokens.
+/// Sum of NLL over every scored token of `ids`, plus the count of scored tokens; a
+/// non-finite NLL is an error naming its token, window and first non-finite step.
 pub fn nll_sum(
     model: &Model,
     ids: &[u32],
@@ -75,10 +76,14 @@ pub fn nll_sum(
 ) -> Result<(f64, Vec<usize>)> {
     let mut total = 0f64;
     let mut scored = Vec::new();
-    for w in eval_windows(ids.len(), seq_len, stride)? {
+    for (k, w) in eval_windows(ids.len(), seq_len, stride)?
+        .into_iter()
+        .enumerate()
+    {
         let win = &ids[w.start..w.end];
         let nll = model.token_nll(&Model::ids_tensor(win)?, false)?;
         let nll: Vec<f64> = nll.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+        model.check_nll(ids, &nll, k, w.start, w.first_target)?;
         // nll[j] is the NLL of token start + j + 1
         for (j, v) in nll.iter().enumerate() {
             let tok = w.start + j + 1;
@@ -107,7 +112,8 @@ pub fn perplexity(
             ids.len()
         );
     }
-    let (total, scored) = nll_sum(model, ids, seq_len, stride, on_window)?;
+    let (total, scored) =
+        nll_sum(model, ids, seq_len, stride, on_window).with_context(|| format!("text {lang}"))?;
     let tok = model.tokenizer()?;
     let scored_ids: Vec<u32> = scored.iter().map(|&i| ids[i]).collect();
     let bytes: usize = tok.token_bytes(&scored_ids).iter().sum();

@@ -24,6 +24,7 @@ impl Default for Sampling {
 }
 
 /// Continues `prompt` by up to `max_tokens` tokens (stops at EOS); returns only the new text.
+/// Non-finite logits are an error naming the new token and where they first appear.
 pub fn generate(model: &Model, prompt: &str, max_tokens: usize, s: &Sampling) -> Result<String> {
     let tok = model.tokenizer()?;
     let mut ids = tok.encode(prompt)?;
@@ -33,8 +34,16 @@ pub fn generate(model: &Model, prompt: &str, max_tokens: usize, s: &Sampling) ->
     let n0 = ids.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let eos = tok.eos.or(model.config.eos_token_id);
-    for _ in 0..max_tokens {
+    for k in 0..max_tokens {
         let logits = model.next_token_logits(&ids)?;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            anyhow::bail!(
+                "non-finite logit ({}) for token id {i} of new token {k} (position {}); it first appears in {}",
+                logits[i],
+                ids.len(),
+                model.locate_non_finite(&ids)?
+            );
+        }
         let next = pick(&logits, s, &mut rng);
         if Some(next) == eos {
             break;

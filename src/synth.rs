@@ -208,15 +208,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     let mut magic = [0u8; 4];
     let is_gguf = f.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
     if is_gguf {
-        use std::io::Seek;
-        f.rewind()?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid GGUF file: {}",
-                path.display(),
-                crate::io::candle_msg(&e)
-            )
-        })?;
+        let (content, _) = crate::model::gguf::read_content(path)?;
         return Tokenizer::from_gguf(&content.metadata, path);
     }
     let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {

@@ -1315,3 +1315,536 @@ fn leftovers_of_killed_runs_are_swept() {
         assert!(left.is_empty(), "{sig}: left {left:?}");
     }
 }
+
+/// `tiny_model()`'s shapes with every layer matrix scaled by 1e30: finite weights whose
+/// attention scores overflow f32 in layer 0, so every result is NaN.
+fn huge_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-huge-llama");
+        let tok = common::gguf_tokenizer(SMOLLM);
+        let mut cfg = Config::tiny(Arch::Llama);
+        cfg.vocab_size = tok.inner.get_vocab_size(true);
+        let m = Model::random(cfg.clone(), DType::F32, 5).unwrap();
+        let w = m
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let v = m.values(i).unwrap();
+                let layer_matrix = p.name.starts_with("model.layers.") && p.shape.len() == 2;
+                let v = if layer_matrix { (v * 1e30).unwrap() } else { v };
+                (p.name.clone(), v)
+            })
+            .collect();
+        let mut h = Model::from_weights(cfg, w).unwrap();
+        h.tokenizer = Some(tok);
+        h.save_hf(&p).unwrap();
+        p
+    })
+}
+
+/// Files (not folders) below `dir`.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    listing(dir).into_iter().filter(|p| p.is_file()).collect()
+}
+
+/// Non-finite results: a command whose result is non-finite exits 1 naming the text, the token and
+/// window, and the first step of the forward that went non-finite (with the model); a
+/// perturbation that overflows a weight is not saved; an overflowed score sum names its
+/// tensor.
+#[test]
+fn non_finite_results_exit_1_naming_the_first_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let huge = s(huge_model());
+    let tiny = s(tiny_model());
+    let en = d.join("en.txt");
+    std::fs::write(
+        &en,
+        "The quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let en = s(&en);
+    let pair = format!("en={en}");
+    let first = format!("the output of layer 0 of {huge}");
+    let nll = "non-finite NLL (NaN) at token 1 (window 0: tokens 0..16)";
+    let mask = d.join("mask.safetensors");
+    let o = run(
+        &[
+            "region",
+            "random",
+            "--model",
+            tiny,
+            "--k",
+            "0.05",
+            "--out",
+            s(&mask),
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mask_pair = format!("m={}", s(&mask));
+    let sixteen = ["--max-tokens", "40", "--seq-len", "16"];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            [&["ppl", "--model", huge, "--text", en][..], &sixteen].concat(),
+            vec!["error: ppl: ", en, nll, &first],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                huge,
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "2",
+            ],
+            vec![
+                "error: generate: non-finite logit (NaN)",
+                "of new token 0 (position 1)",
+                &first,
+            ],
+        ),
+        (
+            [
+                &[
+                    "ablate", "--model", huge, "--region", &mask_pair, "--eval", &pair,
+                ][..],
+                &sixteen,
+            ]
+            .concat(),
+            vec!["error: ablate: text en: ", nll, &first],
+        ),
+        (
+            vec![
+                "dims",
+                "--model",
+                huge,
+                "--norm",
+                "input",
+                "--layer",
+                "0",
+                "--op",
+                "zero",
+                "--dims",
+                "0-1",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+                "--screen-tokens",
+                "16",
+                "--confirm-top",
+                "1",
+            ],
+            vec!["error: dims: unperturbed model: text en: ", nll, &first],
+        ),
+        (
+            vec![
+                "dims",
+                "structured",
+                "--model",
+                huge,
+                "--dim",
+                "0",
+                "--op",
+                "zero",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+            ],
+            vec![
+                "error: dims structured: condition base: text en: ",
+                nll,
+                &first,
+            ],
+        ),
+        (
+            vec![
+                "superweights",
+                "--model",
+                huge,
+                "--eval",
+                en,
+                "--max-tokens",
+                "16",
+                "--top",
+                "1",
+            ],
+            vec!["error: superweights: ", en, nll, &first],
+        ),
+        // a perturbed norm entry of 1e30 overflows the attention of layer 0
+        (
+            vec![
+                "dims",
+                "--model",
+                tiny,
+                "--norm",
+                "input",
+                "--layer",
+                "0",
+                "--op",
+                "scale:1e30",
+                "--dims",
+                "0-1",
+                "--eval",
+                &pair,
+                "--max-tokens",
+                "16",
+                "--screen-tokens",
+                "16",
+                "--confirm-top",
+                "1",
+            ],
+            vec![
+                "error: dims: dimension ",
+                "of model.layers.0.input_layernorm.weight",
+                "non-finite result",
+            ],
+        ),
+    ];
+    for (args, named) in &cases {
+        refused(d, args, named);
+    }
+    // score: nothing is left but the (empty) output folder
+    let out = d.join("scores");
+    let args = [
+        "score",
+        "--model",
+        huge,
+        "--lang",
+        &pair,
+        "--tokens",
+        "32",
+        "--seq-len",
+        "16",
+        "--out",
+        s(&out),
+    ];
+    let o = run(&args, d);
+    check_refusal(&args, &o, &["error: score: ", en, nll, &first]);
+    assert_eq!(files_below(&out), Vec::<PathBuf>::new());
+    // a perturbation that overflows f32 is refused by tensor and not saved
+    let save = d.join("perturbed");
+    let args = [
+        "perturb",
+        "--model",
+        tiny,
+        "--region",
+        s(&mask),
+        "--op",
+        "scale:1e45",
+        "--save",
+        s(&save),
+    ];
+    let o = run(&args, d);
+    check_refusal(
+        &args,
+        &o,
+        &["model.safetensors", "non-finite value (", "not saved"],
+    );
+    assert_eq!(files_below(&save), Vec::<PathBuf>::new());
+    // an overflowed gradient sum names its tensor
+    let m = Model::load(tiny_model()).unwrap();
+    let i = 1;
+    let sums = vec![f64::MAX; m.params[i].elem_count()];
+    let e = broca::score::accumulate::times_param(&m, i, &sums).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with(&format!("{}: non-finite score", m.params[i].name)),
+        "{e}"
+    );
+}
+
+/// Class 8: a tokenizer whose ids exceed the model's vocabulary is refused naming the
+/// tokenizer file and the model (dense and mapped weights; ppl, generate and score, which
+/// creates nothing), and a model folder without tokenizer.json names the folder and the file.
+#[test]
+fn a_foreign_tokenizer_and_a_missing_one_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // SmolLM2's tokenizer on a model of 37 rows
+    let small = d.join("small-vocab");
+    let mut m = Model::random(Config::tiny(Arch::Llama), DType::F32, 3).unwrap();
+    m.tokenizer = Some(common::gguf_tokenizer(SMOLLM));
+    m.save_hf(&small).unwrap();
+    let tok = small.join("tokenizer.json");
+    let en = fixture("udhr-en.txt");
+    let (en, small_s) = (s(&en), s(&small));
+    let pair = format!("en={en}");
+    let out = d.join("scores");
+    let named = [
+        s(&tok),
+        "is outside the vocabulary of",
+        small_s,
+        "(37 rows in model.embed_tokens.weight): the tokenizer does not belong to this model",
+    ];
+    for weights in ["dense", "mapped"] {
+        let runs: [&[&str]; 3] = [
+            &[
+                "ppl",
+                "--model",
+                small_s,
+                "--text",
+                en,
+                "--max-tokens",
+                "40",
+            ],
+            &[
+                "generate",
+                "--model",
+                small_s,
+                "--prompt",
+                "Hello world",
+                "--max-tokens",
+                "2",
+            ],
+            &[
+                "score",
+                "--model",
+                small_s,
+                "--lang",
+                &pair,
+                "--tokens",
+                "32",
+                "--seq-len",
+                "16",
+                "--out",
+                s(&out),
+            ],
+        ];
+        for args in runs {
+            let o = cmd(args, d)
+                .env("BROCA_WEIGHTS", weights)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            check_refusal(args, &o, &named);
+        }
+        assert_eq!(files_below(&out), Vec::<PathBuf>::new(), "{weights}");
+    }
+    // a model folder without tokenizer.json
+    let bare = d.join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny_model().join(f), bare.join(f)).unwrap();
+    }
+    refused(
+        d,
+        &["ppl", "--model", s(&bare), "--text", en],
+        &[&format!(
+            "error: {}: no tokenizer.json in this model folder",
+            s(&bare)
+        )],
+    );
+}
+
+/// Class 11: a corrupt earlier result under `score --out DIR` (the result, a shard's result,
+/// the resume state, a multi-pass run's `.result.part` or `.passes.json`) is said on stderr in
+/// one line and computed again, giving the clean run's bytes; `score merge` names the job
+/// that recomputes an unreadable shard. A truncated mask given as input is one error line
+/// naming it.
+#[test]
+fn corrupt_earlier_results_are_recomputed_or_named() {
+    use broca::score::plan::{self, Include};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tiny = s(tiny_model());
+    let en = fixture("udhr-en.txt");
+    let pair = format!("en={}", s(&en));
+    // the smallest limit of a one-layer pass at the bottom: several passes
+    let model = Model::load(tiny_model()).unwrap();
+    let limit = plan::plan(&model, Include::Layers, Some((0, 0)), 1, 16, u64::MAX)
+        .unwrap()
+        .plan
+        .peak()
+        .to_string();
+    let split = plan::plan(&model, Include::Layers, None, 1, 16, limit.parse().unwrap()).unwrap();
+    assert!(split.groups.len() > 1, "{:?}", split.groups);
+    let score = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--model",
+            tiny,
+            "--lang",
+            &pair,
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--checkpoint-windows",
+            "1",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        run(&args, d)
+    };
+    let ok = |o: &Output| {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let result = |out: &Path| read(out.join("en.safetensors"));
+    let clean = d.join("clean");
+    ok(&score(&clean, &[]));
+    let clean = result(&clean);
+    let garbage: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+
+    // the result itself, truncated or garbage
+    for (k, bad) in [&clean[..100], &garbage[..]].into_iter().enumerate() {
+        let out = d.join(format!("result-{k}"));
+        ok(&score(&out, &[]));
+        let f = out.join("en.safetensors");
+        std::fs::write(&f, bad).unwrap();
+        let err = ok(&score(&out, &[]));
+        let line = format!("score: {}: not a valid safetensors file", s(&f));
+        assert!(
+            err.contains(&line) && err.contains("; computing it again"),
+            "{err}"
+        );
+        assert_eq!(result(&out), clean);
+    }
+    // the resume state of a run stopped after two windows
+    let out = d.join("state");
+    let o = score(&out, &["--stop-after-windows", "2"]);
+    assert!(
+        text(&o.stderr).contains("stopped after"),
+        "{}",
+        text(&o.stderr)
+    );
+    let state = out.join(".partial/en.state.safetensors");
+    std::fs::write(&state, &garbage).unwrap();
+    let err = ok(&score(&out, &[]));
+    assert!(
+        err.contains(&format!("score: {}: not a valid", s(&state))),
+        "{err}"
+    );
+    assert!(err.contains("; starting this part over"), "{err}");
+    assert_eq!(result(&out), clean);
+
+    // a multi-pass run stopped in its second pass: its result part and pass record
+    let mp = ["--mem-limit", &limit];
+    let reference = d.join("passes");
+    ok(&score(&reference, &mp));
+    let reference = result(&reference);
+    let stopped = |name: &str| {
+        let out = d.join(name);
+        let mut extra = mp.to_vec();
+        extra.extend(["--stop-after-windows", "5"]);
+        let o = score(&out, &extra);
+        assert!(
+            text(&o.stderr).contains("stopped after"),
+            "{}",
+            text(&o.stderr)
+        );
+        assert!(out.join(".partial/en.passes.json").is_file());
+        out
+    };
+    let out = stopped("part");
+    let part = out.join(".partial/en.result.part");
+    let bytes = read(part.clone());
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    let err = ok(&score(&out, &mp));
+    let line = format!("score: {}: unusable", s(&part));
+    assert!(
+        err.contains(&line) && err.contains("computing every pass again"),
+        "{err}"
+    );
+    assert_eq!(result(&out), reference);
+    let out = stopped("record");
+    let record = out.join(".partial/en.passes.json");
+    std::fs::write(&record, b"{\"header_sha\": 7").unwrap();
+    let err = ok(&score(&out, &mp));
+    let line = format!("score: {}: unreadable pass record", s(&record));
+    assert!(err.contains(&line), "{err}");
+    assert_eq!(result(&out), reference);
+
+    // score merge with an unreadable shard: the job that recomputes it
+    let out = d.join("shards");
+    for sh in ["0/2", "1/2"] {
+        ok(&score(&out, &["--shard", sh]));
+    }
+    let shard = out.join(".partial/en.shard-1-of-2.safetensors");
+    std::fs::write(&shard, &garbage[..64]).unwrap();
+    let args = ["score", "merge", "--out", s(&out)];
+    let o = run(&args, d);
+    let fix = format!(
+        "recompute it with `broca score --lang en=TEXT --shard 1/2 --out {}` (the job's other arguments as before), then rerun `broca score merge --out {}`",
+        s(&out),
+        s(&out)
+    );
+    check_refusal(&args, &o, &[s(&shard), &fix]);
+
+    // a truncated mask as input
+    let mask = d.join("mask.safetensors");
+    ok(&run(
+        &[
+            "region",
+            "random",
+            "--model",
+            tiny,
+            "--k",
+            "0.05",
+            "--out",
+            s(&mask),
+        ],
+        d,
+    ));
+    let m = read(mask.clone());
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &m[..m.len() / 2]).unwrap();
+    let cut_s = s(&cut);
+    let region = format!("r={cut_s}");
+    let perturb = format!("{cut_s}:zero");
+    let (train_out, stats_out, save) = (d.join("t"), d.join("st"), d.join("p"));
+    let runs: [&[&str]; 6] = [
+        &[
+            "ablate", "--model", tiny, "--region", &region, "--eval", &pair,
+        ],
+        &[
+            "generate",
+            "--model",
+            tiny,
+            "--prompt",
+            "Hi",
+            "--perturb",
+            &perturb,
+        ],
+        &[
+            "perturb",
+            "--model",
+            tiny,
+            "--region",
+            cut_s,
+            "--op",
+            "zero",
+            "--save",
+            s(&save),
+        ],
+        &[
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            &pair,
+            "--steps",
+            "1",
+            "--freeze",
+            cut_s,
+            "--out",
+            s(&train_out),
+        ],
+        &["region", "stats", cut_s, "--out", s(&stats_out)],
+        &["region", "compare", s(&mask), cut_s],
+    ];
+    for args in runs {
+        let o = run(args, d);
+        check_refusal(args, &o, &[cut_s]);
+    }
+}

@@ -101,7 +101,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
         seq_len: a.seq_len,
         seed: a.seed,
     };
-    let output = ablate(&model, &a.model.display().to_string(), &spec)?;
+    let output = ablate(&model, &a.model.display().to_string(), &spec).context("ablate")?;
     if a.json {
         return super::print_json(&output);
     }

@@ -224,6 +224,7 @@ fn run_scan(a: ScanArgs) -> Result<()> {
         seed: a.seed,
     };
     let out = pscan::scan(&model, &a.model.display().to_string(), &texts, &params)?;
+    check_scan(&model, &texts, &out, a.max_tokens)?;
     if let Some(dir) = &a.out {
         pscan::write_files(dir, &out, true)?;
     }
@@ -231,6 +232,48 @@ fn run_scan(a: ScanArgs) -> Result<()> {
         return super::print_json(&out);
     }
     print_scan(&out, a.confirm_top)
+}
+
+/// Refuses a scan with a non-finite result: for the unperturbed model, the error of
+/// [`eval::perplexity`] (naming the text, token and first non-finite step); else the first
+/// dimension whose perturbed PPL or first-order prediction is non-finite.
+fn check_scan(
+    model: &Model,
+    texts: &[(String, Vec<u32>)],
+    o: &ScanOutput,
+    max: usize,
+) -> Result<()> {
+    if !(o.base_screen_ppl.is_finite() && o.base_ppl.is_finite()) {
+        for (lang, ids) in texts {
+            eval::perplexity(model, lang, ids, max, max, |_| {})
+                .context("dims: unperturbed model")?;
+        }
+        bail!(
+            "dims: the unperturbed model's PPL is {} (screen {})",
+            o.base_ppl,
+            o.base_screen_ppl
+        );
+    }
+    let bad = |r: &DimRow| {
+        let v = [r.screen_ppl, r.ppl.unwrap_or(0.0), r.first_order_delta_nll];
+        v.into_iter()
+            .chain(r.per_lang_ppl.iter().copied())
+            .any(|x| !x.is_finite())
+    };
+    if let Some(r) = o.dims.iter().find(|r| bad(r)) {
+        bail!(
+            "dims: dimension {} of {} set to {} ({}): non-finite result (screen PPL {}, PPL {:?}, per language {:?}, first-order ΔNLL {})",
+            r.dim,
+            o.norm,
+            r.new_value,
+            o.op,
+            r.screen_ppl,
+            r.ppl,
+            r.per_lang_ppl,
+            r.first_order_delta_nll
+        );
+    }
+    Ok(())
 }
 
 fn print_scan(o: &ScanOutput, top: usize) -> Result<()> {
@@ -345,7 +388,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
                 .collect::<Vec<_>>(),
         )
     };
-    let base = eval_all("base")?;
+    let base = eval_all("base").context("dims structured: condition base")?;
     let base_g = gm(&base);
     let mut conds = vec![StructCondition {
         condition: "base".into(),
@@ -362,7 +405,7 @@ fn run_structured(a: StructuredArgs) -> Result<()> {
             let entries = saved.count();
             let r = eval_all(label);
             ops::restore(&model, saved)?;
-            let r = r?;
+            let r = r.with_context(|| format!("dims structured: condition {label} ({op})"))?;
             let g = gm(&r);
             conds.push(StructCondition {
                 condition: label.clone(),

@@ -6,7 +6,7 @@ use crate::generate::{generate, Sampling};
 use crate::model::Model;
 use crate::outln;
 use crate::perturb::{ops, spec};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -65,13 +65,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let mut outs = vec![(
         "base".to_string(),
-        generate(&model, &a.prompt, a.max_tokens, &s)?,
+        generate(&model, &a.prompt, a.max_tokens, &s).context("generate")?,
     )];
     for sp in &specs {
         let saved = sp.apply(&model, a.seed)?;
         let text = generate(&model, &a.prompt, a.max_tokens, &s);
         ops::restore(&model, saved)?;
-        outs.push((sp.text.clone(), text?));
+        let text = text.with_context(|| format!("generate --perturb {}", sp.text))?;
+        outs.push((sp.text.clone(), text));
     }
     if a.json {
         let c: Vec<_> = outs

@@ -7,7 +7,7 @@ use crate::memory;
 use crate::model::Model;
 use crate::outln;
 use crate::progress::bar;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -80,16 +80,10 @@ pub fn run(a: PplArgs) -> Result<()> {
     let total: usize = texts.iter().map(|(_, ids)| ids.len() - 1).sum();
     let pb = bar(total as u64, "ppl", "tok");
     let mut results = Vec::new();
-    for (lang, ids) in &texts {
+    for ((lang, ids), input) in texts.iter().zip(&inputs) {
         pb.set_message(format!("ppl {lang}"));
-        results.push(eval::perplexity(
-            &model,
-            lang,
-            ids,
-            a.seq_len,
-            stride,
-            |n| pb.inc(n as u64),
-        )?);
+        let r = eval::perplexity(&model, lang, ids, a.seq_len, stride, |n| pb.inc(n as u64));
+        results.push(r.with_context(|| format!("ppl: {}", input.path.display()))?);
     }
     pb.finish_and_clear();
     let out = PplOutput {

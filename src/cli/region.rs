@@ -253,7 +253,8 @@ fn mono(a: MonoArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
     let _lock = Lock::file(&a.out)?;
-    let (langs, r) = region::mono::mono(&files, &a.target, a.k, a.include, a.scope)?;
+    let (langs, r) =
+        region::mono::mono(&files, &a.target, a.k, a.include, a.scope).context("--scores")?;
     check_model(&r, a.model.as_deref(), "the score files")?;
     let how = json!({
         "method": "mono", "target": a.target, "k": a.k, "select": "top", "scope": a.scope,

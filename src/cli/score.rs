@@ -11,7 +11,7 @@ use crate::progress::bar;
 use crate::score::files::Store;
 use crate::score::plan::{self, Include};
 use crate::score::{self, run, windows};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -218,7 +218,8 @@ fn score(a: RunArgs) -> Result<()> {
     let mut computed = 0usize;
     for (t, v) in inputs.iter().zip(&ids) {
         pb.set_message(format!("score {}", t.lang));
-        let o = run::score_language(&job, &t.lang, v, &opts, &mut |n| pb.inc(n as u64))?;
+        let o = run::score_language(&job, &t.lang, v, &opts, &mut |n| pb.inc(n as u64))
+            .with_context(|| format!("score: {}", t.path.display()))?;
         computed += o.computed_tokens;
         results.push(o);
     }

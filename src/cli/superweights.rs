@@ -7,7 +7,7 @@ use crate::data;
 use crate::model::Model;
 use crate::outln;
 use crate::perturb::superweights::find_and_verify;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -55,7 +55,8 @@ pub fn run(a: SuperweightsArgs) -> Result<()> {
         "superweights",
         &crate::memory::forward_plan(&model, 1, longest, limit),
     )?;
-    let (base, out) = find_and_verify(&model, &prompt_ids, &ids, a.top)?;
+    let (base, out) = find_and_verify(&model, &prompt_ids, &ids, a.top)
+        .with_context(|| format!("superweights: {}", eval_path.display()))?;
     if a.json {
         return super::print_json(&serde_json::json!({
             "model": a.model.display().to_string(), "prompt": a.prompt, "prompt_tokens": prompt_ids.len(),

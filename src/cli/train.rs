@@ -197,7 +197,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         stop_after: a.stop_after,
         label: "train".into(),
     };
-    let r = train::train(&mut model, &inputs, &cfg, &a.out, &opts)?;
+    let r = train::train(&mut model, &inputs, &cfg, &a.out, &opts).with_context(|| {
+        format!(
+            "train --model {} --out {}",
+            a.model.display(),
+            a.out.display()
+        )
+    })?;
     if a.json {
         return super::print_json(&r);
     }

@@ -84,7 +84,40 @@ impl Config {
         if !c.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", c.head_dim);
         }
+        if c.checked_num_params().is_none() {
+            bail!(
+                "the sizes multiply beyond 2^64 parameters (vocab {}, hidden {}, FFN {}, {} layers, {} heads of {})",
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_layers,
+                c.num_heads,
+                c.head_dim
+            );
+        }
         Ok(())
+    }
+
+    /// The parameter count, `None` when it (or any tensor's size in bytes) overflows.
+    fn checked_num_params(&self) -> Option<usize> {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim)?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        let attn = q.checked_add(kv.checked_mul(2)?)?.checked_mul(h)?;
+        let o = h.checked_mul(q)?;
+        let mlp = f.checked_mul(h)?.checked_mul(3)?;
+        let bias = q.checked_add(kv.checked_mul(2)?)?;
+        let layer = [attn, o, mlp, bias, h.checked_mul(2)?]
+            .into_iter()
+            .try_fold(0usize, usize::checked_add)?;
+        let all = layer
+            .checked_mul(self.num_layers)?
+            .checked_add(embed.checked_mul(2)?)?
+            .checked_add(h)?;
+        // every tensor must also fit in bytes at f64
+        all.checked_mul(8)?;
+        Some(all)
     }
 
     /// Reads a transformers `config.json`.

@@ -14,20 +14,35 @@ pub struct GgufFile {
     pub path: std::path::PathBuf,
 }
 
+/// Reads and checks a GGUF header: [`super::gguf_header::check`] first, then candle's parser
+/// on the header's bytes in memory. Returns it and the file's length.
+pub fn read_content(path: &Path) -> Result<(Content, u64)> {
+    use std::io::{Read, Seek};
+    let p = path.display();
+    let f = std::fs::File::open(path).with_context(|| format!("{p}: cannot open"))?;
+    let len = f
+        .metadata()
+        .with_context(|| format!("{p}: cannot read"))?
+        .len();
+    let mut r = std::io::BufReader::with_capacity(1 << 16, f);
+    let end = super::gguf_header::check(&mut r, len, path)?;
+    r.rewind().with_context(|| format!("{p}: cannot read"))?;
+    // the check bounds `end` by the file's length
+    let mut head = Vec::with_capacity(end as usize);
+    r.take(end)
+        .read_to_end(&mut head)
+        .with_context(|| format!("{p}: cannot read"))?;
+    let content = Content::read(&mut std::io::Cursor::new(head))
+        .map_err(|e| anyhow::anyhow!("{p}: not a valid GGUF file: {}", candle_msg(&e)))?;
+    Ok((content, len))
+}
+
 impl GgufFile {
     /// Reads and validates the header; every tensor must lie inside the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let mut f = std::fs::File::open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
-        let len = f.metadata()?.len();
-        let content = Content::read(&mut f).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid GGUF file: {}",
-                path.display(),
-                candle_msg(&e)
-            )
-        })?;
+        let (content, len) = read_content(path)?;
         for (name, info) in &content.tensor_infos {
+            // the header check bounds the element count
             let numel = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
             if numel % bs != 0 {
@@ -36,12 +51,15 @@ impl GgufFile {
                     path.display()
                 );
             }
-            let bytes = numel / bs * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
-            if end > len {
+            let end = ((numel / bs) as u64)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|b| b.checked_add(info.offset))
+                .and_then(|b| b.checked_add(content.tensor_data_offset));
+            if end.is_none_or(|e| e > len) {
                 bail!(
-                    "{}: truncated file: tensor {name} ends at byte {end} but the file has {len} bytes",
-                    path.display()
+                    "{}: truncated file: tensor {name} ends at byte {} but the file has {len} bytes",
+                    path.display(),
+                    end.map_or("beyond 2^64".to_string(), |e| e.to_string())
                 );
             }
         }
@@ -60,7 +78,13 @@ impl GgufFile {
         let v = self
             .meta(key)
             .with_context(|| format!("{}: missing GGUF metadata key {key}", self.path.display()))?;
-        Ok(v.to_u64()
+        if let Value::I32(i) = v {
+            if *i < 0 {
+                bail!("{}: metadata {key} is negative ({i})", self.path.display());
+            }
+        }
+        let x = v
+            .to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x as u64))
             .map_err(|e| {
@@ -69,7 +93,9 @@ impl GgufFile {
                     self.path.display(),
                     candle_msg(&e)
                 )
-            })? as usize)
+            })?;
+        usize::try_from(x)
+            .with_context(|| format!("{}: metadata {key} = {x} is too large", self.path.display()))
     }
 
     fn meta_f64(&self, key: &str) -> Option<f64> {

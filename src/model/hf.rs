@@ -28,7 +28,8 @@ pub fn save_safetensors(
 }
 
 /// Writes a checkpoint directory loadable by transformers: `config.json` and
-/// `model.safetensors` (HF names and layout, `dtype` F32 or BF16), each atomically; the
+/// `model.safetensors` (HF names and layout, `dtype` F32 or BF16), each atomically (a
+/// non-finite weight is refused, naming its tensor); the
 /// weights are decoded and written one tensor at a time, so saving holds at most one
 /// tensor's values beyond the model.
 pub fn save_checkpoint(dir: &Path, cfg: &Config, model: &Model, dtype: DType) -> Result<()> {
@@ -50,6 +51,15 @@ pub fn save_checkpoint(dir: &Path, cfg: &Config, model: &Model, dtype: DType) ->
                 dtype: stored,
                 write: Box::new(move |w| {
                     let t = model.values(i)?.flatten_all()?;
+                    if !super::finite::all_finite(&t)? {
+                        let v: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+                        let k = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                        bail!(
+                            "{}: non-finite value ({}) at flat index {k}; not saved",
+                            p.name,
+                            v[k]
+                        );
+                    }
                     let bytes: Vec<u8> = match dtype {
                         DType::BF16 => t
                             .to_dtype(DType::BF16)?

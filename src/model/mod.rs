@@ -4,8 +4,10 @@
 mod backward;
 pub mod checkpoint;
 pub mod config;
+mod finite;
 pub mod fused;
 pub mod gguf;
+mod gguf_header;
 pub mod hf;
 pub mod ops;
 pub mod store;
@@ -84,6 +86,8 @@ pub struct Model {
     pub tokenizer: Option<Tokenizer>,
     /// Where the model was loaded from (empty for random models).
     pub source: PathBuf,
+    /// The file `tokenizer` was read from when the checkpoint supplied it (for messages).
+    tokenizer_file: Option<PathBuf>,
     /// While set (see [`Model::with_grad_sink`]), tracked forwards send the linear layers'
     /// weight gradients here.
     grad_sink: Mutex<Option<Arc<dyn GradSink>>>,
@@ -146,6 +150,10 @@ impl Model {
         let mut m = Model::from_params(config, params, DType::F32)
             .with_context(|| format!("{}", path.display()))?;
         m.tokenizer = ck.tokenizer;
+        m.tokenizer_file = m.tokenizer.as_ref().map(|_| match path.is_dir() {
+            true => path.join("tokenizer.json"),
+            false => path.to_path_buf(),
+        });
         m.source = path.to_path_buf();
         m.release_pages = release;
         Ok(m)
@@ -232,6 +240,7 @@ impl Model {
             lm_head,
             tokenizer: None,
             source: PathBuf::new(),
+            tokenizer_file: None,
             grad_sink: Mutex::new(None),
             dtype,
             overlays: RwLock::new(vec![None; n]),
@@ -271,12 +280,44 @@ impl Model {
 
     /// The tokenizer, or an error for models without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().with_context(|| {
-            format!(
+        self.tokenizer.as_ref().with_context(|| match self.source.is_dir() {
+            true => format!(
+                "{}: no tokenizer.json in this model folder (copy the one of the model it was made from)",
+                self.source.display()
+            ),
+            false => format!(
                 "{}: this model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)",
                 self.source.display()
-            )
+            ),
         })
+    }
+
+    /// Refuses token ids beyond the embedding's rows, naming the tokenizer and the model
+    /// (a tokenizer from another model).
+    pub fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
+        let rows = self.params[self.embed].shape[0];
+        let Some(&id) = ids.iter().find(|&&r| r as usize >= rows) else {
+            return Ok(());
+        };
+        let model = match self.source.as_os_str().is_empty() {
+            true => "this model".to_string(),
+            false => self.source.display().to_string(),
+        };
+        match &self.tokenizer_file {
+            Some(t) if t == &self.source => bail!(
+                "{model}: its tokenizer gives token id {id}, outside its vocabulary of {rows} rows ({})",
+                self.params[self.embed].name
+            ),
+            Some(t) => bail!(
+                "{}: token id {id} is outside the vocabulary of {model} ({rows} rows in {}): the tokenizer does not belong to this model",
+                t.display(),
+                self.params[self.embed].name
+            ),
+            None => bail!(
+                "token id {id} is outside the vocabulary of {model} ({rows} rows in {}): the tokenizer does not belong to this model",
+                self.params[self.embed].name
+            ),
+        }
     }
 
     /// The dtype computations run in.
@@ -446,20 +487,16 @@ impl Model {
     }
 
     /// Rows `ids` of a `[rows, cols]` parameter (the embedding), decoding only those rows
-    /// of a mapped one.
+    /// of a mapped one; ids beyond the embedding's rows are refused naming the tokenizer
+    /// and the model.
     fn rows_of(&self, i: usize, ids: &Tensor, grad: bool) -> Result<Tensor> {
+        let rows: Vec<u32> = ids.to_vec1()?;
+        if i == self.embed {
+            self.check_token_ids(&rows)?;
+        }
         let Weight::Mapped(m) = &self.params[i].weight else {
             return Ok(self.w(i, grad)?.index_select(ids, 0)?);
         };
-        let rows: Vec<u32> = ids.to_vec1()?;
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= m.rows) {
-            bail!(
-                "token id {r} is outside the vocabulary of {} ({} rows in {})",
-                self.source.display(),
-                m.rows,
-                self.params[i].name
-            );
-        }
         let c = m.cols;
         let mut v = vec![0f32; rows.len() * c];
         m.decode_row_list(&rows, &mut v);

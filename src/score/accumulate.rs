@@ -66,7 +66,10 @@ impl GradSum {
             // every gradient straight into the sums, no autograd graph
             let res = model.mean_nll_grads(&batch, &*sink);
             self.sums = std::mem::take(&mut *sink.sums.lock().unwrap_or_else(|e| e.into_inner()));
-            res?;
+            let loss = res?;
+            if !loss.is_finite() {
+                return Err(self.non_finite(model, ids, wins, loss));
+            }
             self.windows += wins.len();
             self.tokens += wins.len() * t;
             return Ok(());
@@ -75,10 +78,18 @@ impl GradSum {
         // backward produces them; the rest (embeddings, norms, biases) from candle's
         // gradient store
         let grads = model.with_grad_sink(sink.clone(), || -> Result<_> {
-            Ok(model.mean_nll(&batch)?.backward()?)
+            let loss = model.mean_nll(&batch)?;
+            let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok(match v.is_finite() {
+                true => Ok(loss.backward()?),
+                false => Err(v),
+            })
         });
         self.sums = std::mem::take(&mut *sink.sums.lock().unwrap_or_else(|e| e.into_inner()));
-        let grads = grads?;
+        let grads = match grads? {
+            Ok(g) => g,
+            Err(loss) => return Err(self.non_finite(model, ids, wins, loss)),
+        };
         for (sum, p) in self.sums.iter_mut().zip(&model.params) {
             if let Some(sum) = sum {
                 if let Some(g) = grads.get(p.var()?.as_tensor()) {
@@ -89,6 +100,41 @@ impl GradSum {
         self.windows += wins.len();
         self.tokens += wins.len() * t;
         Ok(())
+    }
+}
+
+impl GradSum {
+    /// The error for a batch whose mean NLL `loss` is non-finite: the first window and token
+    /// with a non-finite NLL and where the forward first went non-finite.
+    fn non_finite(
+        &self,
+        model: &Model,
+        ids: &[u32],
+        wins: &[Range<usize>],
+        loss: f64,
+    ) -> anyhow::Error {
+        for (j, w) in wins.iter().enumerate() {
+            let nll = Model::ids_tensor(&ids[w.clone()])
+                .and_then(|t| model.token_nll(&t, false))
+                .and_then(|n| Ok(n.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?));
+            match nll {
+                Ok(nll) => {
+                    if let Err(e) =
+                        model.check_nll(ids, &nll, self.windows + j, w.start, w.start + 1)
+                    {
+                        return e;
+                    }
+                }
+                Err(e) => return e,
+            }
+        }
+        anyhow::anyhow!(
+            "non-finite mean NLL ({loss}) over windows {}..{} (tokens {}..{})",
+            self.windows,
+            self.windows + wins.len(),
+            wins[0].start,
+            wins[wins.len() - 1].end
+        )
     }
 }
 
@@ -244,17 +290,35 @@ fn add_scaled(sum: &mut [f64], g: &Tensor, scale: f64) -> Result<()> {
 
 /// θ ⊙ s for parameter `i`, in f64: one parallel pass over θ (a dense parameter read in
 /// place, a mapped one decoded once).
+/// A non-finite product (an overflowed gradient sum) is an error naming the tensor.
 pub fn times_param(model: &Model, i: usize, s: &[f64]) -> Result<Vec<f64>> {
-    use candle_core::Storage;
     use rayon::prelude::*;
     let p = &model.params[i];
     if p.elem_count() != s.len() {
         bail!("{}: {} sums for {} values", p.name, s.len(), p.elem_count());
     }
     let t = model.values(i)?;
+    let v = product(&t, s, &p.name)?;
+    // a branch-free scan per chunk; the position only once one is found
+    let bad = |c: &[f64]| c.iter().fold(false, |acc, x| acc | !x.is_finite());
+    if v.par_chunks(1 << 16).any(bad) {
+        let k = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        bail!(
+            "{}: non-finite score (θ·Σg = {}) at flat index {k}: the gradient sum overflowed",
+            p.name,
+            v[k]
+        );
+    }
+    Ok(v)
+}
+
+/// θ ⊙ s elementwise in f64.
+fn product(t: &Tensor, s: &[f64], name: &str) -> Result<Vec<f64>> {
+    use candle_core::Storage;
+    use rayon::prelude::*;
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        bail!("{}: values are not a contiguous CPU tensor", p.name);
+        bail!("{name}: values are not a contiguous CPU tensor");
     };
     Ok(match t.dtype() {
         DType::F32 => cpu.as_slice::<f32>()?[a..b]

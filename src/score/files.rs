@@ -147,6 +147,10 @@ pub struct ResultFile {
     store: Store,
     /// SHA-256 of the header: what a pass record must name to count.
     pub header_sha: String,
+    /// The file was created by this open (no earlier pass is in it).
+    pub fresh: bool,
+    /// An earlier file was there but unusable (another header or size) and was replaced.
+    pub replaced: bool,
 }
 
 impl ResultFile {
@@ -165,6 +169,7 @@ impl ResultFile {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("{}: cannot create directory", parent.display()))?;
         }
+        let existed = tmp.exists();
         let same = std::fs::metadata(tmp).is_ok_and(|m| m.len() == data_start + total as u64) && {
             let mut buf = vec![0u8; data_start as usize];
             std::fs::File::open(tmp)
@@ -193,7 +198,14 @@ impl ResultFile {
             entries: entries.to_vec(),
             store,
             header_sha,
+            fresh: !same,
+            replaced: existed && !same,
         })
+    }
+
+    /// The temporary path being filled.
+    pub fn path(&self) -> &Path {
+        &self.tmp
     }
 
     /// Writes tensor `i`'s values at its offset.

@@ -9,6 +9,7 @@ pub mod accumulate;
 pub mod diff;
 pub mod files;
 pub mod plan;
+mod recover;
 pub mod run;
 pub mod windows;
 

@@ -21,6 +21,7 @@
 use super::accumulate::{score_from_product, times_param, GradSum};
 use super::files::{self, Mapped, ResultFile, Store};
 use super::plan::{layer_of, Group, Include};
+use super::recover;
 use super::windows::{windows, Shard};
 use super::METHOD_IMPORTANCE;
 use crate::model::Model;
@@ -180,15 +181,19 @@ pub fn check_lang(lang: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether `path` exists and was made with `hash`; an error when it exists with another.
+/// Whether `path` exists and was made with `hash`; an error when it exists with another;
+/// `false` (said on stderr) when it is unreadable, so that it is computed again.
 fn done_with(path: &Path, hash: &str) -> Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
-    let m = Mapped::open(path)?;
+    let Some(m) = recover::open_or_redo(path, "computing it again") else {
+        return Ok(false);
+    };
     if m.meta.get("args_hash").map(String::as_str) != Some(hash) {
         bail!(
-            "{}: exists but was made with a different model, text, --tokens, --seq-len, --batch or --include; remove it or use another --out",
+            "{}: exists but was made with a different model, text, --tokens, --seq-len, --batch or --include; `rm {}` or use another --out",
+            path.display(),
             path.display()
         );
     }
@@ -280,8 +285,13 @@ impl Unit<'_> {
         let state = unit_state_path(self.job.out, self.lang, opts.shard, &tag);
         let scored = g.scored(model);
         let mut acc = GradSum::zeros_for(model, &scored);
-        if state.exists() {
+        let readable = match state.exists() {
+            true => recover::open_or_redo(&state, "starting this part over"),
+            false => None,
+        };
+        if let Some(m) = readable {
             load_state(
+                &m,
                 &state,
                 self.hash,
                 model,
@@ -353,6 +363,8 @@ pub fn score_language(
         bail!("--dtype: scores are stored as f32 or bf16");
     }
     let model = job.model;
+    // before any file is created
+    model.check_token_ids(ids)?;
     let start = Instant::now();
     let wins = windows(ids.len(), opts.seq_len).with_context(|| format!("language {lang}"))?;
     let hash = args_hash(
@@ -448,18 +460,24 @@ pub fn score_language(
             &m,
         )?;
         let record_path = passes_path(job.out, lang);
-        let mut record: PassRecord = std::fs::read(&record_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(|r: &PassRecord| r.header_sha == result.header_sha)
-            .unwrap_or_default();
+        let mut record = pass_record(&record_path, &result);
         record.header_sha = result.header_sha.clone();
         for &g in &groups {
             if record.done.contains(&g.tag()) {
                 progress(slice_tokens);
                 continue;
             }
-            let (acc, res) = unit.run(g, &mut processed, progress)?;
+            let (acc, res) = match unit.run(g, &mut processed, progress) {
+                Ok(r) => r,
+                Err(e) if record.done.is_empty() => {
+                    // no pass is in the result file yet: nothing there to resume from
+                    let _ = std::fs::remove_file(result.path());
+                    let _ = std::fs::remove_file(&record_path);
+                    let _ = std::fs::remove_dir(partial_dir(job.out));
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             count(res);
             for (k, (i, _, _)) in e.iter().enumerate() {
                 if let Some(sum) = acc.sums[*i].as_deref() {
@@ -493,6 +511,35 @@ pub fn score_language(
         start.elapsed().as_secs_f64(),
         &target,
     ))
+}
+
+/// The finished passes recorded for `result`: none when it was just created (a pass record
+/// beside a result file that is gone or unusable counts nothing) or when the record is
+/// unreadable (said on stderr).
+fn pass_record(path: &Path, result: &ResultFile) -> PassRecord {
+    if result.replaced {
+        eprintln!(
+            "score: {}: unusable (truncated, or made by other arguments); computing every pass again",
+            result.path().display()
+        );
+    }
+    if result.fresh {
+        return PassRecord::default();
+    }
+    let Ok(bytes) = std::fs::read(path) else {
+        return PassRecord::default();
+    };
+    match serde_json::from_slice::<PassRecord>(&bytes) {
+        Ok(r) if r.header_sha == result.header_sha => r,
+        Ok(_) => PassRecord::default(),
+        Err(e) => {
+            eprintln!(
+                "score: {}: unreadable pass record ({e}); computing every pass again",
+                path.display()
+            );
+            PassRecord::default()
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -543,6 +590,7 @@ fn save_state(
 }
 
 fn load_state(
+    m: &Mapped,
     path: &Path,
     hash: &str,
     model: &Model,
@@ -550,10 +598,10 @@ fn load_state(
     batch: usize,
     acc: &mut GradSum,
 ) -> Result<()> {
-    let m = Mapped::open(path)?;
     if m.meta("args_hash")? != hash {
         bail!(
-            "{}: resume state was made with a different model, text, --tokens, --seq-len, --batch or --include; rerun with the same arguments or delete it",
+            "{}: resume state was made with a different model, text, --tokens, --seq-len, --batch or --include; rerun with the same arguments, or `rm {}` to start over",
+            path.display(),
             path.display()
         );
     }
@@ -570,7 +618,8 @@ fn load_state(
         || (!next.is_multiple_of(batch) && next != slice_windows)
     {
         bail!(
-            "{}: resume state does not fit this run (window {next} of {stored}); delete it",
+            "{}: resume state does not fit this run (window {next} of {stored}); `rm {}` to start over",
+            path.display(),
             path.display()
         );
     }
@@ -580,9 +629,10 @@ fn load_state(
         };
         if m.shape(&p.name) != Some(p.shape.as_slice()) {
             bail!(
-                "{}: tensor {} missing or of another shape; delete it",
+                "{}: tensor {} missing or of another shape; `rm {}` to start over",
                 path.display(),
-                p.name
+                p.name,
+                path.display()
             );
         }
         *sum = m.f64s(&p.name)?;
@@ -744,7 +794,7 @@ fn merge_language(out: &Path, lang: &str, groups: GroupFiles) -> Result<Outcome>
             .map(|(shard, path)| {
                 Ok(PartialFile {
                     shard,
-                    map: Mapped::open(&path)?,
+                    map: recover::open_partial(&path, out, lang, shard, &tag)?,
                     path,
                 })
             })
