@@ -105,6 +105,43 @@ impl MaskTensor {
         b
     }
 
+    /// Number of entries selected both here and in `other`.
+    pub fn intersection_count(&self, other: &MaskTensor) -> usize {
+        let (mut i, mut j, mut n) = (0, 0, 0);
+        while i < self.idx.len() && j < other.idx.len() {
+            match self.idx[i].cmp(&other.idx[j]) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    n += 1;
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The entries selected here and not in `other`.
+    pub fn minus(&self, other: &MaskTensor) -> MaskTensor {
+        let mut j = 0;
+        let idx = self
+            .idx
+            .iter()
+            .copied()
+            .filter(|&x| {
+                while j < other.idx.len() && other.idx[j] < x {
+                    j += 1;
+                }
+                !(j < other.idx.len() && other.idx[j] == x)
+            })
+            .collect();
+        MaskTensor {
+            shape: self.shape.clone(),
+            idx,
+        }
+    }
+
     /// The entries selected here or in `other` (same shape).
     pub fn union(&self, other: &MaskTensor) -> MaskTensor {
         let mut idx = Vec::with_capacity(self.idx.len() + other.idx.len());
@@ -388,6 +425,9 @@ mod tests {
         assert_eq!(a, b);
         let c = MaskTensor::from_indices("c", &[3, 4], [0, 7, 9]).unwrap();
         assert_eq!(a.union(&c).indices(), vec![0, 1, 7, 9, 11]);
+        assert_eq!(a.minus(&c).indices(), vec![1, 11]);
+        assert_eq!(c.minus(&a).indices(), vec![0, 9]);
+        assert_eq!(a.intersection_count(&c), 1);
         assert!(MaskTensor::from_indices("d", &[3, 4], [12]).is_err());
         let e = MaskTensor::from_bits("e", &[2], &[1, 2])
             .unwrap_err()

@@ -249,22 +249,23 @@ fn mono_equals_own_top_minus_union_of_others_by_brute_force() {
     for (t, target) in ["ar", "es", "zh"].iter().enumerate() {
         for k in [0.05, 0.2] {
             let (langs, got) =
-                region::mono::mono(&paths, target, k, Coverage::Layers, Scope::PerTensor).unwrap();
+                region::build::mono(&paths, target, k, Coverage::Layers, Scope::PerTensor).unwrap();
             assert_eq!(langs.len(), 3);
             let tops: Vec<Region> = all
                 .iter()
                 .map(|s| brute_region(&abs_scores(s), k, Direction::Top, Scope::PerTensor))
                 .collect();
             for (n, b) in &got {
-                for i in 0..b.data.len() {
+                let b = b.to_bits();
+                for i in 0..b.len() {
                     let own = tops[t][n].data[i] == 1;
                     let other = (0..3).any(|j| j != t && tops[j][n].data[i] == 1);
-                    assert_eq!(b.data[i] == 1, own && !other, "{target} {n}[{i}] k={k}");
+                    assert_eq!(b[i] == 1, own && !other, "{target} {n}[{i}] k={k}");
                 }
             }
         }
     }
-    let err = region::mono::mono(&paths, "ko", 0.1, Coverage::Layers, Scope::PerTensor)
+    let err = region::build::mono(&paths, "ko", 0.1, Coverage::Layers, Scope::PerTensor)
         .unwrap_err()
         .to_string();
     assert!(err.contains("ko") && err.contains("ar, es, zh"), "{err}");
@@ -457,4 +458,34 @@ fn both_cut_methods_equal_full_sort() {
     let m = apply(&big, c.rank, c.ties[0], Direction::Top);
     assert_eq!(m.iter().map(|&b| b as usize).sum::<usize>(), 1234);
     assert!(m[..1234].iter().all(|&b| b == 1));
+}
+
+/// The tensor-by-tensor recipe selects exactly what the whole-in-memory selection does, for
+/// core regions (both directions) and the monolingual regions, per tensor and global.
+#[test]
+fn streamed_regions_equal_the_in_memory_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = score_files(dir.path());
+    let (_, sum) = region::scores::sum_abs(&paths, Coverage::Layers).unwrap();
+    for scope in [Scope::PerTensor, Scope::Global] {
+        for dir in [Direction::Top, Direction::Bottom] {
+            let ks = [0.05, 0.2];
+            let (langs, got) =
+                region::build::core(&paths, &ks, dir, scope, Coverage::Layers).unwrap();
+            assert_eq!(langs, vec!["ar", "es", "zh"]);
+            for (k, m) in ks.iter().zip(&got) {
+                let want = region::select::select(&sum, *k, dir, scope);
+                assert_eq!(region::from_mask(m), want, "{scope:?} {dir:?} k={k}");
+            }
+        }
+        let m = region::build::mono_all(&paths, 0.2, scope, Coverage::Layers).unwrap();
+        for (i, f) in paths.iter().enumerate() {
+            let (_, s) = region::scores::read_abs(f, Coverage::Layers).unwrap();
+            let top = region::select::select(&s, 0.2, Direction::Top, scope);
+            assert_eq!(region::from_mask(&m.tops[i]), top, "{scope:?} top {i}");
+            let (per, total) = region::build::compare(&m.monos[i], &m.tops[i]);
+            assert_eq!(total.both, total.a, "a mono region lies inside its top-k");
+            assert!(per.iter().all(|o| o.both <= o.b));
+        }
+    }
 }

@@ -7,7 +7,7 @@ use crate::lock::Lock;
 use crate::mask::{self, Coverage};
 use crate::outln;
 use crate::region::ops::{self as rops, SetOp};
-use crate::region::select::{self, Direction, Scope};
+use crate::region::select::{Direction, Scope};
 use crate::region::{self, heatmap, stats, Region};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -201,6 +201,13 @@ fn check_model(r: &Region, model: Option<&Path>, what: &str) -> Result<()> {
         .with_context(|| format!("{what} does not fit the model {}", m.display()))
 }
 
+/// Errors unless mask `r` matches the model at `model` (names and shapes).
+fn check_model_mask(r: &mask::Mask, model: Option<&Path>, what: &str) -> Result<()> {
+    let Some(m) = model else { return Ok(()) };
+    mask::check_against_shapes(r, &mask::model_shapes(m)?)
+        .with_context(|| format!("{what} does not fit the model {}", m.display()))
+}
+
 /// Loads a mask file, checked against the model when one is given.
 fn load_mask(path: &Path, model: Option<&Path>) -> Result<Region> {
     let r = region::load(path)?;
@@ -238,15 +245,14 @@ fn core(a: CoreArgs) -> Result<()> {
     region::check_fraction(a.k)?;
     let files = split_values(&a.scores);
     let _lock = Lock::file(&a.out)?;
-    let (langs, scores) = region::scores::sum_abs(&files, a.include)?;
-    let r = select::select(&scores, a.k, a.select, a.scope);
-    drop(scores);
-    check_model(&r, a.model.as_deref(), "the score files")?;
+    let (langs, masks) = region::build::core(&files, &[a.k], a.select, a.scope, a.include)?;
+    let r = masks.into_iter().next().unwrap_or_default();
+    check_model_mask(&r, a.model.as_deref(), "the score files")?;
     let how = json!({
         "method": "core", "k": a.k, "select": a.select, "scope": a.scope, "include": a.include,
         "languages": langs, "scores": files, "ties": "lower flat index (tensors in name order)",
     });
-    finish(&a.out, &r, how, a.json)
+    finish_mask(&a.out, &r, how, a.json)
 }
 
 fn mono(a: MonoArgs) -> Result<()> {
@@ -254,13 +260,13 @@ fn mono(a: MonoArgs) -> Result<()> {
     let files = split_values(&a.scores);
     let _lock = Lock::file(&a.out)?;
     let (langs, r) =
-        region::mono::mono(&files, &a.target, a.k, a.include, a.scope).context("--scores")?;
-    check_model(&r, a.model.as_deref(), "the score files")?;
+        region::build::mono(&files, &a.target, a.k, a.include, a.scope).context("--scores")?;
+    check_model_mask(&r, a.model.as_deref(), "the score files")?;
     let how = json!({
         "method": "mono", "target": a.target, "k": a.k, "select": "top", "scope": a.scope,
         "include": a.include, "languages": langs, "scores": files,
     });
-    finish(&a.out, &r, how, a.json)
+    finish_mask(&a.out, &r, how, a.json)
 }
 
 fn random(a: RandomArgs) -> Result<()> {

@@ -6,8 +6,8 @@
 //! converted to and from [`crate::mask::Mask`] at the file boundary.
 
 pub mod bench;
+pub mod build;
 pub mod heatmap;
-pub mod mono;
 pub mod ops;
 pub mod random;
 pub mod scores;

@@ -59,7 +59,7 @@ pub struct Overlap {
 }
 
 impl Overlap {
-    fn new(name: &str, numel: u64, a: u64, b: u64, both: u64) -> Overlap {
+    pub(crate) fn new(name: &str, numel: u64, a: u64, b: u64, both: u64) -> Overlap {
         let ratio = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
         let union = a + b - both;
         Overlap {

@@ -59,52 +59,113 @@ impl ScoreFiles {
         Ok(ScoreFiles { files })
     }
 
-    /// Σ over the files, in order, of |score| of tensor `name` (flattened, f32), which
-    /// must have `shape` in every file.
-    pub fn abs_sum(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let mut acc = vec![0f32; shape.iter().product()];
+    /// The language of each file, in order; an error when one is given twice.
+    pub fn langs(&self) -> Result<Vec<String>> {
+        let mut langs: Vec<String> = Vec::new();
+        for (p, m) in &self.files {
+            if langs.contains(&m.lang) {
+                bail!("{}: language '{}' given twice", p.display(), m.lang);
+            }
+            langs.push(m.lang.clone());
+        }
+        Ok(langs)
+    }
+
+    /// The covered tensors (name order) and their shapes, which every file must hold alike.
+    pub fn layout(&self, cov: Coverage) -> Result<Vec<(String, Vec<usize>)>> {
+        let mut first: Option<(&std::path::PathBuf, Vec<(String, Vec<usize>)>)> = None;
         for (path, m) in &self.files {
             let st = safetensors::SafeTensors::deserialize(&m.map).map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
             })?;
-            let v = st
-                .tensor(name)
-                .map_err(|_| anyhow::anyhow!("{}: no score tensor {name}", path.display()))?;
-            if v.shape() != shape {
-                bail!(
-                    "{}: score tensor {name} has shape {:?}, the region has {shape:?}",
-                    path.display(),
-                    v.shape()
-                );
-            }
-            let mut add = |i: usize, x: f32| -> Result<()> {
-                if !x.is_finite() {
-                    bail!(
-                        "{}: tensor {name} has a non-finite score at flat index {i}",
-                        path.display()
-                    );
-                }
-                acc[i] += x.abs();
-                Ok(())
-            };
-            match v.dtype() {
-                safetensors::Dtype::F32 => {
-                    for (i, b) in v.data().chunks_exact(4).enumerate() {
-                        add(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]))?;
-                    }
-                }
-                safetensors::Dtype::BF16 => {
-                    for (i, b) in v.data().chunks_exact(2).enumerate() {
-                        add(i, half::bf16::from_le_bytes([b[0], b[1]]).to_f32())?;
-                    }
-                }
-                d => bail!(
-                    "{}: tensor {name} is {d:?}, scores must be F32 or BF16",
+            let mut l: Vec<(String, Vec<usize>)> = st
+                .tensors()
+                .into_iter()
+                .filter(|(n, _)| is_covered(n, cov))
+                .map(|(n, v)| (n, v.shape().to_vec()))
+                .collect();
+            l.sort();
+            match &first {
+                None if l.is_empty() => bail!(
+                    "{}: no tensors covered by this region's coverage",
                     path.display()
                 ),
+                None => first = Some((path, l)),
+                Some((fp, fl)) if *fl != l => bail!(
+                    "{}: its tensors or shapes differ from {} (score files of different models?)",
+                    path.display(),
+                    fp.display()
+                ),
+                Some(_) => {}
             }
         }
+        Ok(first.map(|f| f.1).unwrap_or_default())
+    }
+
+    /// |score| of tensor `name` in file `i` (flattened, f32).
+    pub fn abs_one(&self, i: usize, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let mut acc = vec![0f32; shape.iter().product()];
+        Self::add_abs(&self.files[i], name, shape, &mut acc)?;
         Ok(acc)
+    }
+
+    /// Σ over the files, in order, of |score| of tensor `name` (flattened, f32), which
+    /// must have `shape` in every file.
+    pub fn abs_sum(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let mut acc = vec![0f32; shape.iter().product()];
+        for f in &self.files {
+            Self::add_abs(f, name, shape, &mut acc)?;
+        }
+        Ok(acc)
+    }
+
+    /// Adds |score| of tensor `name` of one file to `acc`.
+    fn add_abs(
+        (path, m): &(std::path::PathBuf, Mapped),
+        name: &str,
+        shape: &[usize],
+        acc: &mut [f32],
+    ) -> Result<()> {
+        let st = safetensors::SafeTensors::deserialize(&m.map).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+        })?;
+        let v = st
+            .tensor(name)
+            .map_err(|_| anyhow::anyhow!("{}: no score tensor {name}", path.display()))?;
+        if v.shape() != shape {
+            bail!(
+                "{}: score tensor {name} has shape {:?}, the region has {shape:?}",
+                path.display(),
+                v.shape()
+            );
+        }
+        let mut add = |i: usize, x: f32| -> Result<()> {
+            if !x.is_finite() {
+                bail!(
+                    "{}: tensor {name} has a non-finite score at flat index {i}",
+                    path.display()
+                );
+            }
+            acc[i] += x.abs();
+            Ok(())
+        };
+        match v.dtype() {
+            safetensors::Dtype::F32 => {
+                for (i, b) in v.data().chunks_exact(4).enumerate() {
+                    add(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]))?;
+                }
+            }
+            safetensors::Dtype::BF16 => {
+                for (i, b) in v.data().chunks_exact(2).enumerate() {
+                    add(i, half::bf16::from_le_bytes([b[0], b[1]]).to_f32())?;
+                }
+            }
+            d => bail!(
+                "{}: tensor {name} is {d:?}, scores must be F32 or BF16",
+                path.display()
+            ),
+        }
+        Ok(())
     }
 }
 

@@ -6,10 +6,10 @@ use super::Ctx;
 use crate::data::TextInput;
 use crate::eval::{self, geomean};
 use crate::io::{atomic_write, write_json};
-use crate::mask::Coverage;
+use crate::mask::{self, Coverage};
 use crate::progress::bar;
-use crate::region::select::{select, Direction, Scope};
-use crate::region::{self, heatmap, mono, ops as rops, stats, Region};
+use crate::region::select::{Direction, Scope};
+use crate::region::{self, build, heatmap, stats};
 use crate::score::run as score_run;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -177,71 +177,52 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
     let c = &ctx.cfg.regions;
     let files = score_files(ctx);
     let mut outs = Vec::new();
-    let pb = bar((c.k.len() + 2) as u64, "regions", "steps");
-    pb.set_message("regions: summing scores");
-    let (langs, sum) = region::scores::sum_abs(&files, Coverage::Layers)?;
-    pb.inc(1);
-    let mut core = Vec::new();
-    let mut first_core: Option<Region> = None;
+    let pb = bar(2, "regions", "steps");
+    pb.set_message("regions: core");
     for &k in &c.k {
         region::check_fraction(k)?;
-        pb.set_message(format!("regions: core k={k}"));
-        let r = select(&sum, k, Direction::Top, Scope::PerTensor);
+    }
+    let (langs, cores) = build::core(
+        &files,
+        &c.k,
+        Direction::Top,
+        Scope::PerTensor,
+        Coverage::Layers,
+    )?;
+    let mut core = Vec::new();
+    for (&k, r) in c.k.iter().zip(&cores) {
         let name = core_name(k);
         let how = json!({"method": "core", "k": k, "select": "top", "scope": "per-tensor", "include": "layers", "languages": langs});
-        region::save(&region_file(ctx, &name), &r, how)?;
-        let (count, numel) = (
-            region::total_count(&r),
-            r.values().map(|b| b.data.len() as u64).sum::<u64>(),
-        );
+        mask::save(&region_file(ctx, &name), r, how)?;
+        let count: u64 = r.values().map(|t| t.count() as u64).sum();
+        let numel: u64 = r.values().map(|t| t.numel() as u64).sum();
         core.push(json!({"name": name, "k": k, "count": count, "numel": numel, "fraction": count as f64 / numel.max(1) as f64}));
         outs.push(format!("regions/{name}.safetensors"));
         outs.push(format!("regions/{name}.json"));
-        if first_core.is_none() {
-            first_core = Some(r);
-        }
-        pb.inc(1);
     }
-    drop(sum);
+    pb.inc(1);
     let mut mono_rows = Vec::new();
     let mut overlap = Value::Null;
     if c.mono_k > 0.0 && langs.len() >= 2 {
         pb.set_message("regions: monolingual");
-        let mut tops: Vec<(String, Region)> = Vec::new();
-        for f in &files {
-            let (lang, s) = region::scores::read_abs(f, Coverage::Layers)?;
-            tops.push((lang, select(&s, c.mono_k, Direction::Top, Scope::PerTensor)));
-        }
-        let n = tops.len();
+        let m = build::mono_all(&files, c.mono_k, Scope::PerTensor, Coverage::Layers)?;
+        let n = m.langs.len();
         let mut jac = vec![vec![1.0; n]; n];
         for i in 0..n {
             for j in i + 1..n {
-                let (_, t) = rops::compare(&tops[i].1, &tops[j].1);
+                let (_, t) = build::compare(&m.tops[i], &m.tops[j]);
                 jac[i][j] = t.jaccard;
                 jac[j][i] = t.jaccard;
             }
         }
-        for i in 0..n {
-            let mut own = tops[i].1.clone();
-            let mut others: Option<Region> = None;
-            for (j, (_, t)) in tops.iter().enumerate() {
-                if j != i {
-                    match &mut others {
-                        None => others = Some(t.clone()),
-                        Some(u) => mono::union_in_place(u, t),
-                    }
-                }
-            }
-            if let Some(u) = &others {
-                mono::minus_in_place(&mut own, u);
-            }
-            let lang = &tops[i].0;
+        for (i, own) in m.monos.iter().enumerate() {
+            let lang = &m.langs[i];
             let name = format!("mono-{lang}");
             let how = json!({"method": "mono", "target": lang, "k": c.mono_k, "select": "top", "scope": "per-tensor", "include": "layers", "languages": langs});
-            region::save(&region_file(ctx, &name), &own, how)?;
-            let count = region::total_count(&own);
-            let top = region::total_count(&tops[i].1);
-            let vs_core = first_core.as_ref().map(|cr| rops::compare(&own, cr).1.both);
+            mask::save(&region_file(ctx, &name), own, how)?;
+            let count: u64 = own.values().map(|t| t.count() as u64).sum();
+            let top: u64 = m.tops[i].values().map(|t| t.count() as u64).sum();
+            let vs_core = cores.first().map(|cr| build::compare(own, cr).1.both);
             mono_rows.push(
                 json!({"lang": lang, "name": name, "count": count, "top_count": top,
                 "share_of_top": count as f64 / top.max(1) as f64, "in_core": vs_core}),
@@ -249,7 +230,7 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
             outs.push(format!("regions/{name}.safetensors"));
             outs.push(format!("regions/{name}.json"));
         }
-        overlap = json!({"k": c.mono_k, "languages": tops.iter().map(|t| &t.0).collect::<Vec<_>>(), "jaccard": jac});
+        overlap = json!({"k": c.mono_k, "languages": m.langs, "jaccard": jac});
     }
     pb.inc(1);
     pb.finish_and_clear();
