@@ -151,18 +151,15 @@ pub fn mono(
 /// Overlap of two masks with the same tensors, per tensor and in total (as
 /// [`super::ops::compare`] counts it for byte regions).
 pub fn compare(a: &Mask, b: &Mask) -> (Vec<Overlap>, Overlap) {
-    let mut per = Vec::new();
-    let (mut tn, mut ta, mut tb, mut tboth) = (0, 0, 0, 0);
-    for (n, x) in a {
-        let (ca, numel) = (x.count() as u64, x.numel() as u64);
-        let (cb, both) = b.get(n).map_or((0, 0), |y| {
-            (y.count() as u64, x.intersection_count(y) as u64)
-        });
-        per.push(Overlap::new(n, numel, ca, cb, both));
-        tn += numel;
-        ta += ca;
-        tb += cb;
-        tboth += both;
-    }
-    (per, Overlap::new("total", tn, ta, tb, tboth))
+    let per: Vec<Overlap> = a
+        .iter()
+        .map(|(n, x)| {
+            let (cb, both) = b.get(n).map_or((0, 0), |y| {
+                (y.count() as u64, x.intersection_count(y) as u64)
+            });
+            Overlap::new(n, x.numel() as u64, x.count() as u64, cb, both)
+        })
+        .collect();
+    let total = Overlap::total(&per);
+    (per, total)
 }

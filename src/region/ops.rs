@@ -59,6 +59,18 @@ pub struct Overlap {
 }
 
 impl Overlap {
+    /// The sum of per-tensor overlaps, named "total".
+    pub(crate) fn total(per: &[Overlap]) -> Overlap {
+        let sum = |f: fn(&Overlap) -> u64| per.iter().map(f).sum::<u64>();
+        Overlap::new(
+            "total",
+            sum(|o| o.numel),
+            sum(|o| o.a),
+            sum(|o| o.b),
+            sum(|o| o.both),
+        )
+    }
+
     pub(crate) fn new(name: &str, numel: u64, a: u64, b: u64, both: u64) -> Overlap {
         let ratio = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
         let union = a + b - both;
@@ -82,7 +94,6 @@ impl Overlap {
 /// Per-tensor overlaps (name order) and the total (the caller checks the layouts match).
 pub fn compare(a: &Region, b: &Region) -> (Vec<Overlap>, Overlap) {
     let mut per = Vec::new();
-    let (mut tn, mut ta, mut tb, mut tboth) = (0, 0, 0, 0);
     for (n, x) in a {
         let y = &b[n];
         let (mut ca, mut cb, mut both) = (0u64, 0u64, 0u64);
@@ -91,12 +102,8 @@ pub fn compare(a: &Region, b: &Region) -> (Vec<Overlap>, Overlap) {
             cb += q as u64;
             both += (p & q) as u64;
         }
-        let numel = x.data.len() as u64;
-        per.push(Overlap::new(n, numel, ca, cb, both));
-        tn += numel;
-        ta += ca;
-        tb += cb;
-        tboth += both;
+        per.push(Overlap::new(n, x.data.len() as u64, ca, cb, both));
     }
-    (per, Overlap::new("total", tn, ta, tb, tboth))
+    let total = Overlap::total(&per);
+    (per, total)
 }
