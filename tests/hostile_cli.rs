@@ -1415,7 +1415,7 @@ fn non_finite_results_exit_1_naming_the_first_place() {
                 &sixteen,
             ]
             .concat(),
-            vec!["error: ablate: text en: ", nll, &first],
+            vec!["error: ablate: condition base: text en: ", nll, &first],
         ),
         (
             vec![

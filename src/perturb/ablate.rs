@@ -7,7 +7,7 @@ use crate::eval::{self, geomean};
 use crate::mask::Mask;
 use crate::model::Model;
 use crate::progress::bar;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// One language under one condition.
@@ -78,11 +78,16 @@ pub fn ablate(model: &Model, model_label: &str, s: &AblationSpec) -> Result<Abla
         };
         let opname = op.as_ref().map_or("none".to_string(), |o| o.to_string());
         pb.set_message(format!("{label} {opname}"));
+        let what = match op {
+            Some(_) => format!("condition {label} ({opname})"),
+            None => format!("condition {label}"),
+        };
         let res: Result<Vec<LangResult>> = s
             .texts
             .iter()
             .map(|(lang, ids)| {
-                let r = eval::perplexity(model, lang, ids, s.seq_len, s.seq_len, |_| {})?;
+                let r = eval::perplexity(model, lang, ids, s.seq_len, s.seq_len, |_| {})
+                    .with_context(|| what.clone())?;
                 pb.inc(1);
                 Ok(LangResult {
                     lang: lang.clone(),
