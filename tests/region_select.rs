@@ -257,10 +257,10 @@ fn mono_equals_own_top_minus_union_of_others_by_brute_force() {
                 .collect();
             for (n, b) in &got {
                 let b = b.to_bits();
-                for i in 0..b.len() {
+                for (i, &bit) in b.iter().enumerate() {
                     let own = tops[t][n].data[i] == 1;
                     let other = (0..3).any(|j| j != t && tops[j][n].data[i] == 1);
-                    assert_eq!(b[i] == 1, own && !other, "{target} {n}[{i}] k={k}");
+                    assert_eq!(bit == 1, own && !other, "{target} {n}[{i}] k={k}");
                 }
             }
         }

@@ -144,7 +144,7 @@ pub fn scan(
         .map(|(&d, &v)| g[d] * (v - w[d]))
         .collect();
     let keep = preselect(&all_pred, p.exact_dims);
-    let preselected = (keep.len() < p.dims.len()).then(|| Preselection {
+    let preselected = (keep.len() < p.dims.len()).then_some(Preselection {
         from: p.dims.len(),
         kept: keep.len(),
         by: "largest |first-order ΔNLL| (gradient of the norm weight on the screening texts)",

@@ -9,6 +9,9 @@ use rayon::prelude::*;
 use std::collections::BTreeSet;
 use std::path::Path;
 
+/// Tensor names (sorted) with their shapes.
+pub type Layout = Vec<(String, Vec<usize>)>;
+
 /// A memory-mapped score file.
 struct Mapped {
     map: memmap2::Mmap,
@@ -72,8 +75,8 @@ impl ScoreFiles {
     }
 
     /// The covered tensors (name order) and their shapes, which every file must hold alike.
-    pub fn layout(&self, cov: Coverage) -> Result<Vec<(String, Vec<usize>)>> {
-        let mut first: Option<(&std::path::PathBuf, Vec<(String, Vec<usize>)>)> = None;
+    pub fn layout(&self, cov: Coverage) -> Result<Layout> {
+        let mut first: Option<(&std::path::PathBuf, Layout)> = None;
         for (path, m) in &self.files {
             let st = safetensors::SafeTensors::deserialize(&m.map).map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())

@@ -207,14 +207,20 @@ pub fn regions(ctx: &Ctx) -> Result<Vec<String>> {
         pb.set_message("regions: monolingual");
         let m = build::mono_all(&files, c.mono_k, Scope::PerTensor, Coverage::Layers)?;
         let n = m.langs.len();
-        let mut jac = vec![vec![1.0; n]; n];
-        for i in 0..n {
-            for j in i + 1..n {
-                let (_, t) = build::compare(&m.tops[i], &m.tops[j]);
-                jac[i][j] = t.jaccard;
-                jac[j][i] = t.jaccard;
-            }
-        }
+        let jac: Vec<Vec<f64>> = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| match i == j {
+                        true => 1.0,
+                        false => {
+                            build::compare(&m.tops[i.min(j)], &m.tops[i.max(j)])
+                                .1
+                                .jaccard
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
         for (i, own) in m.monos.iter().enumerate() {
             let lang = &m.langs[i];
             let name = format!("mono-{lang}");
